@@ -1,0 +1,398 @@
+//! Server configuration: defaults, TOML file, `CHATFLOW_*` environment variables, then flags.
+//!
+//! Every key is documented in `chatflow.example.toml`, which a test keeps in step with this file.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// When the sender's ack is sent (see the protocol contract §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckAfter {
+    /// After validation.
+    Received,
+    /// After the message bus accepted the message.
+    Published,
+    /// After the store committed the message.
+    Persisted,
+}
+
+/// Everything `chatflow serve` can be told. Field docs give the unit and the default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port for WebSocket and HTTP. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Reactor threads; 0 means one per core. Default 0.
+    pub reactors: usize,
+    /// Name of this node in `/health` and metrics; empty means the host name. Default empty.
+    pub node_id: String,
+    /// Message bus: `local` (in-process, one node). Default `local`.
+    pub bus: String,
+    /// When acks are sent: `received` or `published`. Default `published`.
+    pub ack_after: AckAfter,
+    /// Most open connections (all states) for the whole process. Default 10000.
+    pub max_connections: usize,
+    /// Largest WebSocket message accepted, bytes; larger closes with 1009. Default 65536.
+    pub max_message_bytes: usize,
+    /// Read chunk per connection, bytes. Default 4096.
+    pub read_buffer_bytes: usize,
+    /// Bytes queued to one client past which it is disconnected at once. Default 1048576.
+    pub output_hard_limit_bytes: usize,
+    /// Bytes queued to one client that may last at most `output_soft_limit_ms`. Default 262144.
+    pub output_soft_limit_bytes: usize,
+    /// How long a client may stay above the soft limit, milliseconds. Default 10000.
+    pub output_soft_limit_ms: u64,
+    /// Time to complete an HTTP request or upgrade, milliseconds. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// A WebSocket that sends nothing (not even a pong) for this long is closed, ms. Default 120000.
+    pub idle_timeout_ms: u64,
+    /// The server pings a WebSocket that has been silent this long, ms; 0 disables. Default 30000.
+    pub ping_interval_ms: u64,
+    /// Messages per second allowed per connection; 0 means no limit. Default 0.
+    pub rate_limit_per_sec: u32,
+    /// Burst allowed above the rate, messages. Default 50.
+    pub rate_limit_burst: u32,
+    /// Largest HTTP request head (request line and headers), bytes. Default 8192.
+    pub max_request_head_bytes: usize,
+    /// Batches of broadcasts waiting for one reactor before senders get OVERLOADED. Default 4096.
+    pub reactor_queue_batches: usize,
+    /// Most (room, user) presence entries kept for the node. Default 1000000.
+    pub max_presence_entries: usize,
+    /// Time allowed to drain connections on SIGTERM/SIGINT, milliseconds. Default 10000.
+    pub shutdown_timeout_ms: u64,
+    /// Listen backlog per reactor. Default 1024.
+    pub backlog: i32,
+    /// Disable Nagle's algorithm on client sockets. Default true.
+    pub tcp_nodelay: bool,
+    /// SO_SNDBUF for client sockets, bytes; 0 keeps the kernel's autotuning. Default 0.
+    pub socket_send_buffer_bytes: usize,
+    /// SO_RCVBUF for client sockets, bytes; 0 keeps the kernel's autotuning. Default 0.
+    pub socket_recv_buffer_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            reactors: 0,
+            node_id: String::new(),
+            bus: "local".into(),
+            ack_after: AckAfter::Published,
+            max_connections: 10_000,
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4096,
+            output_hard_limit_bytes: 1024 * 1024,
+            output_soft_limit_bytes: 256 * 1024,
+            output_soft_limit_ms: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            ping_interval_ms: 30_000,
+            rate_limit_per_sec: 0,
+            rate_limit_burst: 50,
+            max_request_head_bytes: 8192,
+            reactor_queue_batches: 4096,
+            max_presence_entries: 1_000_000,
+            shutdown_timeout_ms: 10_000,
+            backlog: 1024,
+            tcp_nodelay: true,
+            socket_send_buffer_bytes: 0,
+            socket_recv_buffer_bytes: 0,
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML or a value in it is malformed, or a key is unknown.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values parse but break a rule.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Prefix of the environment variables that override keys: `CHATFLOW_MAX_CONNECTIONS`, ...
+pub const ENV_PREFIX: &str = "CHATFLOW_";
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `CHATFLOW_*` variables from `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let keys = Self::keys();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if !keys.contains(&key) {
+                // Unknown CHATFLOW_ variables may belong to other tools (e.g. the load tester).
+                continue;
+            }
+            table.insert(key, env_value(&value));
+        }
+        let origin = file.map_or("environment".to_string(), |p| {
+            format!("{} (or CHATFLOW_* environment)", p.display())
+        });
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin,
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every key name, as written in the file (lower case) and, upper-cased, in the environment.
+    pub fn keys() -> Vec<String> {
+        match toml::Table::try_from(Config::default()) {
+            Ok(t) => t.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Checks the rules that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if self.bus != "local" {
+            return fail(format!(
+                "bus {:?} is not supported: this build has the in-process bus only (`local`)",
+                self.bus
+            ));
+        }
+        if self.ack_after == AckAfter::Persisted {
+            return fail("ack_after = \"persisted\" needs a store, and this build has none".into());
+        }
+        if self.max_connections == 0 {
+            return fail("max_connections must be at least 1".into());
+        }
+        if !(125..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return fail("max_message_bytes must be between 125 and 67108864".into());
+        }
+        if !(256..=1024 * 1024).contains(&self.read_buffer_bytes) {
+            return fail("read_buffer_bytes must be between 256 and 1048576".into());
+        }
+        if self.output_soft_limit_bytes > self.output_hard_limit_bytes {
+            return fail("output_soft_limit_bytes must not exceed output_hard_limit_bytes".into());
+        }
+        if self.output_hard_limit_bytes < 4096 {
+            return fail("output_hard_limit_bytes must be at least 4096".into());
+        }
+        if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+            return fail("handshake_timeout_ms and idle_timeout_ms must be above 0".into());
+        }
+        if self.ping_interval_ms != 0 && self.ping_interval_ms >= self.idle_timeout_ms {
+            return fail("ping_interval_ms must be below idle_timeout_ms (or 0)".into());
+        }
+        if self.max_request_head_bytes < 512 {
+            return fail("max_request_head_bytes must be at least 512".into());
+        }
+        if self.reactor_queue_batches == 0 {
+            return fail("reactor_queue_batches must be at least 1".into());
+        }
+        if self.backlog <= 0 {
+            return fail("backlog must be at least 1".into());
+        }
+        if self.reactors > 1024 {
+            return fail("reactors must be at most 1024".into());
+        }
+        if !self.node_id.is_empty() && !crate::protocol::is_valid_id(&self.node_id) {
+            return fail("node_id must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'".into());
+        }
+        Ok(())
+    }
+
+    /// The reactor count after resolving 0 to the number of cores.
+    pub fn reactor_count(&self) -> usize {
+        if self.reactors > 0 {
+            self.reactors
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The node id after resolving empty to the host name.
+    pub fn resolved_node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(64)
+            .collect();
+        if host.is_empty() {
+            "chatflow".into()
+        } else {
+            host
+        }
+    }
+
+    /// `handshake_timeout_ms` as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// `idle_timeout_ms` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `ping_interval_ms` as a duration, `None` when pings are off.
+    pub fn ping_interval(&self) -> Option<Duration> {
+        (self.ping_interval_ms > 0).then(|| Duration::from_millis(self.ping_interval_ms))
+    }
+
+    /// `output_soft_limit_ms` as a duration.
+    pub fn output_soft_limit_window(&self) -> Duration {
+        Duration::from_millis(self.output_soft_limit_ms)
+    }
+
+    /// `shutdown_timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The effective configuration as TOML, for `check-config` and the start-up log.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads an environment value as the TOML type it looks like: integer, bool, else string.
+fn env_value(s: &str) -> toml::Value {
+    if let Ok(i) = s.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = s.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(s.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).expect("defaults");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("chatflow-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "max_connections = 500\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .expect("write");
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("CHATFLOW_MAX_CONNECTIONS", "700"),
+                ("CHATFLOW_TCP_NODELAY", "false"),
+                ("OTHER", "1"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(c.max_connections, 700);
+        assert!(!c.tcp_nodelay);
+        assert_eq!(c.listen.port(), 9000);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let err = Config::load(None, env(&[("CHATFLOW_MAX_CONNECTIONS", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("max_connections"), "{err}");
+        let err = Config::load(None, env(&[("CHATFLOW_BUS", "amqp://x")])).unwrap_err();
+        assert!(err.to_string().contains("bus"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("CHATFLOW_OUTPUT_SOFT_LIMIT_BYTES", "9999999")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("output_soft_limit_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("chatflow-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "max_conections = 5\n").expect("write");
+        let err = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_sample_file_documents_every_key_and_parses() {
+        let sample = include_str!("../chatflow.example.toml");
+        for key in Config::keys() {
+            assert!(
+                sample.contains(&format!("\n# {key} =")) || sample.contains(&format!("\n{key} =")),
+                "chatflow.example.toml lacks {key}"
+            );
+        }
+        let uncommented: String = sample
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let table: toml::Table = uncommented.parse().expect("sample parses");
+        let c: Config = table.try_into().expect("sample values are valid keys");
+        assert_eq!(c, Config::default(), "the sample shows the defaults");
+    }
+}

@@ -1,0 +1,141 @@
+//! The `chatflow` command: `serve` runs a node, `check-config` validates a config file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use chatflow::config::{AckAfter, Config};
+use chatflow::server::Server;
+
+/// A real-time chat server: WebSocket rooms, acks, fan-out, metrics.
+#[derive(Parser)]
+#[command(name = "chatflow", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server node (WebSocket /chat/{roomId} and HTTP on one port).
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        /// The TOML file (see chatflow.example.toml).
+        file: PathBuf,
+    },
+}
+
+/// Flags override CHATFLOW_* environment variables, which override the file.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; every key is documented in chatflow.example.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address and port to listen on [default: 0.0.0.0:8080].
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Reactor threads; 0 = one per core [default: 0].
+    #[arg(long)]
+    reactors: Option<usize>,
+    /// Message bus: local [default: local].
+    #[arg(long)]
+    bus: Option<String>,
+    /// When to ack: received or published [default: published].
+    #[arg(long, value_parser = parse_ack_after)]
+    ack_after: Option<AckAfter>,
+    /// Node name for /health and metrics [default: host name].
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+fn parse_ack_after(s: &str) -> Result<AckAfter, String> {
+    match s {
+        "received" => Ok(AckAfter::Received),
+        "published" => Ok(AckAfter::Published),
+        "persisted" => Ok(AckAfter::Persisted),
+        _ => Err("expected received, published or persisted".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(file: Option<&std::path::Path>, args: Option<&ServeArgs>) -> anyhow::Result<Config> {
+    let mut config = Config::load(file, std::env::vars())?;
+    if let Some(a) = args {
+        if let Some(v) = a.listen {
+            config.listen = v;
+        }
+        if let Some(v) = a.reactors {
+            config.reactors = v;
+        }
+        if let Some(v) = &a.bus {
+            config.bus = v.clone();
+        }
+        if let Some(v) = a.ack_after {
+            config.ack_after = v;
+        }
+        if let Some(v) = &a.node_id {
+            config.node_id = v.clone();
+        }
+        config.validate()?;
+    }
+    Ok(config)
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = load(Some(file), None)?;
+    println!("# {} is valid; effective configuration:", file.display());
+    print!("{}", config.to_toml());
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load(args.config.as_deref(), Some(&args))?;
+    log::debug!("configuration:\n{}", config.to_toml());
+    let server = Server::start(config).context("starting the server")?;
+    // Scripts and tests wait for this line on stdout.
+    println!("listening on {}", server.local_addr());
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    let handle = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    log::info!("signal {signal}: draining connections");
+                    handle.shutdown();
+                } else {
+                    log::warn!("second signal: exiting now");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    server.join();
+    log::info!("stopped");
+    Ok(())
+}

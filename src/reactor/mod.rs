@@ -1,0 +1,1113 @@
+//! One reactor thread: a `mio` poll loop owning a listener and the connections it accepted.
+//!
+//! The loop: flush queued output, hand broadcasts to the bus, wait for events, accept, read and
+//! answer, deliver broadcasts from other reactors, and every tick enforce timeouts and limits.
+//! Nothing here blocks: no lock is held across I/O and no database or broker is called.
+//! `docs/lifetime-of-a-connection.md` follows one connection through this file.
+
+mod output;
+
+use std::io::{self, Read};
+use std::mem;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use time::OffsetDateTime;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
+
+pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
+
+use crate::bus::{Batch, Bus, Fanout, Inbox, PublishError, Publisher};
+use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
+use crate::config::Config;
+use crate::http::{self, Route, Status};
+use crate::metrics::{Disconnect, NodeGauges, ReactorStats, SharedStats};
+use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
+
+/// Token of the listener.
+const LISTENER: Token = Token(usize::MAX);
+/// Token of the waker other threads use.
+pub const WAKER: Token = Token(usize::MAX - 1);
+/// How often timeouts and limits are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// Messages read from one connection before others get a turn.
+const READ_BUDGET: usize = 64;
+/// How long a closing connection may take to finish (peer's close reply, then EOF).
+const CLOSING_LINGER: Duration = Duration::from_secs(2);
+/// Pause before accepting again after the process ran out of file descriptors.
+const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
+/// A ping frame with no payload.
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// What all reactors of a node share. Read-mostly; the only lock is inside [`Presence`].
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// This node's id.
+    pub node_id: String,
+    /// Who is present in each room.
+    pub presence: Presence,
+    /// Each reactor's counters (index = reactor id).
+    pub stats: Vec<Arc<SharedStats>>,
+    /// Each reactor's broadcast inbox (index = reactor id).
+    pub inboxes: Arc<[Inbox]>,
+    /// The message bus.
+    pub bus: Box<dyn Bus>,
+    /// Set once to begin a graceful shutdown.
+    pub draining: AtomicBool,
+    /// When the server started.
+    pub started: Instant,
+}
+
+impl Shared {
+    /// Asks every reactor to drain and stop.
+    pub fn begin_shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for inbox in self.inboxes.iter() {
+            inbox.wake();
+        }
+    }
+
+    /// Open WebSocket sessions on the node.
+    pub fn websockets(&self) -> u64 {
+        self.stats.iter().map(|s| s.websockets.get()).sum()
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub fn render_metrics(&self) -> String {
+        let stats: Vec<&ReactorStats> = self.stats.iter().map(|s| &***s).collect();
+        crate::metrics::render(
+            &stats,
+            &NodeGauges {
+                node_id: &self.node_id,
+                reactor_queue_depths: self.inboxes.iter().map(Inbox::depth).collect(),
+                reactor_queue_capacity: self.inboxes.first().map_or(0, Inbox::capacity),
+                presence_entries: self.presence.entries(),
+                uptime_secs: self.started.elapsed().as_secs_f64(),
+                draining: self.draining.load(Ordering::Relaxed),
+            },
+        )
+    }
+}
+
+/// Where a connection is in its life. See `docs/lifetime-of-a-connection.md`.
+enum Phase {
+    /// Reading an HTTP request head (an upgrade or a plain request).
+    Request {
+        /// The bytes received so far.
+        head: Vec<u8>,
+    },
+    /// A WebSocket session in a room.
+    Open(Box<Session>),
+    /// Flushing the last output (a response or a close frame); input is read and discarded.
+    Closing {
+        /// True once our side of the TCP stream has been shut down.
+        write_shut: bool,
+    },
+}
+
+/// The state of an open WebSocket.
+struct Session {
+    ctx: WebSocketContext,
+    room: Arc<str>,
+    rate: Option<RateLimiter>,
+    joins: ConnJoins,
+    /// Reading stopped because this client's output is above the soft limit.
+    paused: bool,
+}
+
+struct Conn {
+    sock: TcpStream,
+    out: OutQueue,
+    phase: Phase,
+    /// When the current phase began.
+    since: Instant,
+    /// When anything was last received.
+    last_in: Instant,
+    ping_outstanding: bool,
+    /// Whether WRITABLE interest is registered (only while output is queued).
+    writable_armed: bool,
+    /// Since when the output has been above the soft limit.
+    over_soft_since: Option<Instant>,
+    /// Already in the reactor's dirty list.
+    dirty: bool,
+}
+
+/// Everything one reactor thread owns.
+pub struct Reactor {
+    id: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    listening: bool,
+    accept_retry_at: Option<Instant>,
+    conn_cap: usize,
+    conns: Slab<Conn>,
+    shared: Arc<Shared>,
+    stats: Arc<SharedStats>,
+    inbox: Receiver<Batch>,
+    publisher: Box<dyn Publisher>,
+    members: RoomMembers,
+    ws_config: WebSocketConfig,
+    pool: BufPool,
+    scratch: Vec<u8>,
+    /// Connections with output queued since the last flush.
+    dirty: Vec<usize>,
+    /// Connections to read again without waiting for an event (budget used up, or unpaused).
+    again: Vec<usize>,
+    /// Connections to drop for exceeding the hard output limit.
+    slow: Vec<usize>,
+    now: Instant,
+    next_tick: Instant,
+    drain_deadline: Option<Instant>,
+    websockets: u64,
+}
+
+impl Reactor {
+    /// A reactor with its own poll, listener and inbox.
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        mut listener: TcpListener,
+        inbox: Receiver<Batch>,
+        shared: Arc<Shared>,
+    ) -> io::Result<Reactor> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let config = &shared.config;
+        let reactors = shared.stats.len().max(1);
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_bytes)
+            // tungstenite writes only pongs and close frames, straight into our queue.
+            .write_buffer_size(0)
+            .max_write_buffer_size(16 * 1024)
+            .max_message_size(Some(config.max_message_bytes))
+            .max_frame_size(Some(config.max_message_bytes));
+        let now = Instant::now();
+        Ok(Reactor {
+            id,
+            poll,
+            listener: Some(listener),
+            listening: true,
+            accept_retry_at: None,
+            conn_cap: config.max_connections.div_ceil(reactors),
+            conns: Slab::with_capacity(1024),
+            stats: shared.stats[id].clone(),
+            publisher: shared.bus.publisher(id),
+            shared,
+            inbox,
+            members: RoomMembers::default(),
+            ws_config,
+            pool: BufPool::new(1024),
+            scratch: Vec::with_capacity(2048),
+            dirty: Vec::new(),
+            again: Vec::new(),
+            slow: Vec::new(),
+            now,
+            next_tick: now + TICK,
+            drain_deadline: None,
+            websockets: 0,
+        })
+    }
+
+    /// Runs until a shutdown has drained every connection or its deadline passed.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            self.drop_slow();
+            self.flush_dirty();
+            let dropped = self.publisher.flush();
+            if dropped > 0 {
+                self.stats.fanout_dropped.add(dropped as u64);
+            }
+            if let Some(deadline) = self.drain_deadline
+                && (self.conns.is_empty() || self.now >= deadline)
+            {
+                break;
+            }
+            let timeout = if self.again.is_empty() {
+                self.next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("reactor {}: poll failed: {e}", self.id);
+                break;
+            }
+            self.now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(t) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_ready(t);
+                        }
+                        if event.is_writable() {
+                            self.flush(t);
+                        }
+                    }
+                }
+            }
+            self.deliver_inbox();
+            for t in mem::take(&mut self.again) {
+                self.read_ready(t);
+            }
+            if self.now >= self.next_tick {
+                self.tick();
+                self.next_tick = self.now + TICK;
+            }
+            if self.drain_deadline.is_none() && self.shared.draining.load(Ordering::SeqCst) {
+                self.begin_drain();
+            }
+        }
+        log::debug!(
+            "reactor {} stopped with {} connections",
+            self.id,
+            self.conns.len()
+        );
+    }
+
+    // ----- accepting -----
+
+    fn accept(&mut self) {
+        loop {
+            if self.conns.len() >= self.conn_cap {
+                // Policy: at the limit stop accepting; new clients wait in the kernel backlog
+                // and accepting resumes below 90% (see `maybe_resume_accept`).
+                self.pause_accept(None);
+                return;
+            }
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    self.stats.accepted.inc();
+                    self.admit(sock);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.stats.accept_errors.inc();
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) {
+                        // Out of descriptors or memory: retrying at once would spin. Back off;
+                        // closing connections frees descriptors meanwhile.
+                        log::warn!("reactor {}: accept failed ({e}); pausing accepts", self.id);
+                        self.pause_accept(Some(self.now + EMFILE_BACKOFF));
+                        return;
+                    }
+                    // ECONNABORTED and the like concern one connection only.
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut sock: TcpStream) {
+        let config = &self.shared.config;
+        let sref = socket2::SockRef::from(&sock);
+        // Socket options are tuning: a failure leaves the kernel default in place.
+        let _ = sref.set_tcp_nodelay(config.tcp_nodelay);
+        if config.socket_send_buffer_bytes > 0 {
+            let _ = sref.set_send_buffer_size(config.socket_send_buffer_bytes);
+        }
+        if config.socket_recv_buffer_bytes > 0 {
+            let _ = sref.set_recv_buffer_size(config.socket_recv_buffer_bytes);
+        }
+        let entry = self.conns.vacant_entry();
+        let token = Token(entry.key());
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut sock, token, Interest::READABLE)
+        {
+            log::warn!("reactor {}: cannot register a connection: {e}", self.id);
+            return;
+        }
+        entry.insert(Conn {
+            sock,
+            out: OutQueue::default(),
+            phase: Phase::Request {
+                head: Vec::with_capacity(1024),
+            },
+            since: self.now,
+            last_in: self.now,
+            ping_outstanding: false,
+            writable_armed: false,
+            over_soft_since: None,
+            dirty: false,
+        });
+        self.stats.connections.set(self.conns.len() as u64);
+    }
+
+    fn pause_accept(&mut self, retry_at: Option<Instant>) {
+        if self.listening {
+            if let Some(listener) = &mut self.listener {
+                let _ = self.poll.registry().deregister(listener);
+            }
+            self.listening = false;
+            self.stats.accept_paused.inc();
+        }
+        self.accept_retry_at = retry_at;
+    }
+
+    fn maybe_resume_accept(&mut self) {
+        if self.listening || self.drain_deadline.is_some() {
+            return;
+        }
+        if self.conns.len() * 10 >= self.conn_cap * 9 {
+            return;
+        }
+        if self.accept_retry_at.is_some_and(|at| self.now < at) {
+            return;
+        }
+        let Some(listener) = &mut self.listener else {
+            return;
+        };
+        if self
+            .poll
+            .registry()
+            .register(listener, LISTENER, Interest::READABLE)
+            .is_ok()
+        {
+            self.listening = true;
+            self.accept_retry_at = None;
+            self.accept();
+        }
+    }
+
+    // ----- reading -----
+
+    fn read_ready(&mut self, t: usize) {
+        match self.conns.get(t).map(|c| &c.phase) {
+            Some(Phase::Request { .. }) => self.read_request(t),
+            Some(Phase::Open(_)) => self.read_messages(t),
+            Some(Phase::Closing { .. }) => self.discard_input(t),
+            None => {}
+        }
+    }
+
+    fn read_request(&mut self, t: usize) {
+        let max = self.shared.config.max_request_head_bytes;
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let Phase::Request { head } = &mut conn.phase else {
+            return;
+        };
+        let mut buf = [0u8; 2048];
+        let mut gone = false;
+        while head.len() < max {
+            let room = (max - head.len()).min(buf.len());
+            match conn.sock.read(&mut buf[..room]) {
+                Ok(0) => {
+                    gone = true;
+                    break;
+                }
+                Ok(n) => {
+                    head.extend_from_slice(&buf[..n]);
+                    self.stats.bytes_in.add(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        match http::parse_head(head) {
+            Ok(Some(parsed)) => {
+                let leftover = head.split_off(parsed.len);
+                self.answer(t, parsed, leftover);
+            }
+            Ok(None) if gone => self.remove(t, Some(Disconnect::PeerGone)),
+            Ok(None) if head.len() >= max => {
+                self.stats.disconnect(Disconnect::BadRequest);
+                let body = format!("the request head is over {max} bytes");
+                self.respond(
+                    t,
+                    http::error_response(Status::HeadersTooLarge, &body, false),
+                    431,
+                );
+            }
+            Ok(None) => {}
+            Err(message) => {
+                self.stats.disconnect(Disconnect::BadRequest);
+                self.respond(
+                    t,
+                    http::error_response(Status::BadRequest, &message, false),
+                    400,
+                );
+            }
+        }
+    }
+
+    /// Answers a complete request head: upgrades to a WebSocket or writes one HTTP response.
+    fn answer(&mut self, t: usize, parsed: http::Head, leftover: Vec<u8>) {
+        let head_only = parsed.head_only;
+        let json = |status: Status, body: String| (status, "application/json", body);
+        let (status, content_type, body) = match parsed.route {
+            Route::Upgrade { room, accept } => {
+                if self.drain_deadline.is_none() {
+                    self.upgrade(t, &room, &accept, leftover);
+                    return;
+                }
+                json(Status::Unavailable, r#"{"error":"the server is shutting down"}"#.into())
+            }
+            Route::Health => json(
+                Status::Ok,
+                serde_json::json!({
+                    "status": "UP",
+                    "timestamp": protocol::now_rfc3339(),
+                    "nodeId": self.shared.node_id,
+                    "connections": self.shared.websockets(),
+                })
+                .to_string(),
+            ),
+            Route::Ready => {
+                let bus = self.shared.bus.ready();
+                let draining = self.shared.draining.load(Ordering::Relaxed);
+                let body = serde_json::json!({
+                    "status": if bus.is_ok() && !draining { "READY" } else { "NOT_READY" },
+                    "nodeId": self.shared.node_id,
+                    "draining": draining,
+                    "bus": { "kind": self.shared.bus.name(), "up": bus.is_ok(), "error": bus.err() },
+                    "store": { "kind": "none", "up": true },
+                });
+                let ok = body["status"] == "READY";
+                json(if ok { Status::Ok } else { Status::Unavailable }, body.to_string())
+            }
+            Route::Metrics => (
+                Status::Ok,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.shared.render_metrics(),
+            ),
+            Route::Presence(room) => {
+                let users: Vec<_> = self
+                    .shared
+                    .presence
+                    .users(&room)
+                    .into_iter()
+                    .map(|u| serde_json::json!({ "userId": u.user_id, "username": u.username }))
+                    .collect();
+                json(
+                    Status::Ok,
+                    serde_json::json!({ "roomId": room, "count": users.len(), "users": users })
+                        .to_string(),
+                )
+            }
+            Route::NeedsStore => json(
+                Status::Unavailable,
+                r#"{"error":"message history and analytics need a store; this server has none configured"}"#.into(),
+            ),
+            Route::Error(status, message) => {
+                self.stats.disconnect(Disconnect::BadRequest);
+                let bytes = http::error_response(status, &message, head_only);
+                self.respond(t, bytes, status.code());
+                return;
+            }
+        };
+        let bytes = http::response(status, content_type, &body, head_only);
+        self.respond(t, bytes, status.code());
+    }
+
+    fn respond(&mut self, t: usize, bytes: Vec<u8>, status: u16) {
+        self.stats.http_response(status);
+        if let Some(conn) = self.conns.get_mut(t) {
+            conn.out.push_owned(&bytes, &mut self.pool);
+            conn.phase = Phase::Closing { write_shut: false };
+            conn.since = self.now;
+            self.mark_dirty(t);
+            self.discard_input(t);
+        }
+    }
+
+    fn upgrade(&mut self, t: usize, room: &str, accept: &str, leftover: Vec<u8>) {
+        let config = &self.shared.config;
+        let rate = (config.rate_limit_per_sec > 0).then(|| {
+            RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst, self.now)
+        });
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        conn.out
+            .push_owned(&http::upgrade_response(accept), &mut self.pool);
+        let session = Session {
+            ctx: WebSocketContext::from_partially_read(
+                leftover,
+                Role::Server,
+                Some(self.ws_config),
+            ),
+            room: self.members.join(room, t),
+            rate,
+            joins: ConnJoins::default(),
+            paused: false,
+        };
+        conn.phase = Phase::Open(Box::new(session));
+        conn.since = self.now;
+        conn.last_in = self.now;
+        self.websockets += 1;
+        self.stats.websockets.set(self.websockets);
+        self.stats.upgrades.inc();
+        self.mark_dirty(t);
+        // Frames may have arrived with the request; edge-triggered readiness will not repeat.
+        self.read_messages(t);
+    }
+
+    /// Reads and handles WebSocket messages until the socket would block, the budget is spent
+    /// or the client's output is over the soft limit.
+    fn read_messages(&mut self, t: usize) {
+        let soft = self.shared.config.output_soft_limit_bytes;
+        let unlimited = self.drain_deadline.is_some();
+        let mut handled = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(t) else {
+                return;
+            };
+            let Phase::Open(session) = &mut conn.phase else {
+                return;
+            };
+            if conn.out.len() > soft && !unlimited {
+                // Policy: a client that does not read its acks is not read either; reading
+                // resumes when its output drains to half the soft limit.
+                session.paused = true;
+                return;
+            }
+            if session.paused {
+                return;
+            }
+            let mut io = WsIo {
+                sock: &mut conn.sock,
+                out: &mut conn.out,
+                pool: &mut self.pool,
+                read_bytes: 0,
+            };
+            let result = session.ctx.read(&mut io);
+            let read_bytes = io.read_bytes;
+            if read_bytes > 0 {
+                self.stats.bytes_in.add(read_bytes);
+                conn.last_in = self.now;
+                conn.ping_outstanding = false;
+            }
+            let has_output = !conn.out.is_empty();
+            match result {
+                Ok(message) => {
+                    self.stats.frames_in.inc();
+                    if has_output {
+                        self.mark_dirty(t);
+                    }
+                    match message {
+                        Message::Text(text) => self.on_text(t, text.as_str()),
+                        Message::Binary(_) => self.reject(
+                            t,
+                            &Rejection::whole(
+                                ErrorCode::UnsupportedFrame,
+                                "binary frames are not supported; send JSON in text frames",
+                            ),
+                        ),
+                        // tungstenite queued the pong or close reply; nothing else to do.
+                        Message::Ping(_)
+                        | Message::Pong(_)
+                        | Message::Close(_)
+                        | Message::Frame(_) => {}
+                    }
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if has_output {
+                        self.mark_dirty(t);
+                    }
+                    return;
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(WsError::ConnectionClosed) => {
+                    // The client closed and tungstenite queued our reply.
+                    self.start_closing(t, Disconnect::ClientClose);
+                    return;
+                }
+                Err(
+                    WsError::Io(_)
+                    | WsError::AlreadyClosed
+                    | WsError::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ),
+                ) => {
+                    self.remove(t, Some(Disconnect::PeerGone));
+                    return;
+                }
+                Err(WsError::Protocol(e)) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Protocol,
+                        &e.to_string(),
+                        Disconnect::ProtocolError,
+                    );
+                    return;
+                }
+                Err(WsError::Utf8(_)) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Invalid,
+                        "text is not UTF-8",
+                        Disconnect::InvalidUtf8,
+                    );
+                    return;
+                }
+                Err(WsError::Capacity(e)) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Size,
+                        &e.to_string(),
+                        Disconnect::MessageTooLarge,
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Protocol,
+                        &e.to_string(),
+                        Disconnect::ProtocolError,
+                    );
+                    return;
+                }
+            }
+            handled += 1;
+            if handled >= READ_BUDGET && !unlimited {
+                // Fairness: others get a turn; this connection is read again before the next wait.
+                self.again.push(t);
+                return;
+            }
+        }
+    }
+
+    fn discard_input(&mut self, t: usize) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.sock.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.stats.bytes_in.add(n as u64),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        // The peer is done. Remove now unless a response is still being written, in which case
+        // the flush finishes the job (a peer may half-close after sending its request).
+        if conn.out.is_empty() {
+            self.remove(t, None);
+        }
+    }
+
+    // ----- messages -----
+
+    fn on_text(&mut self, t: usize, text: &str) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        if let Some(rate) = &mut session.rate
+            && !rate.allow(self.now)
+        {
+            let limit = self.shared.config.rate_limit_per_sec;
+            let mut r = Rejection::whole(
+                ErrorCode::RateLimited,
+                format!("more than {limit} messages per second; this message was dropped"),
+            );
+            r.client_message_id = client_message_id_of(text);
+            self.reject(t, &r);
+            return;
+        }
+        let room = session.room.clone();
+        match protocol::parse_message(text, &room) {
+            Ok(msg) => self.accept_message(t, &room, &msg),
+            Err(r) => self.reject(t, &r),
+        }
+    }
+
+    fn accept_message(&mut self, t: usize, room: &Arc<str>, msg: &ChatMessage<'_>) {
+        let id = msg.message_id();
+        let mut body = mem::take(&mut self.scratch);
+        body.clear();
+        body.extend_from_slice(protocol::BROADCAST_PREFIX);
+        protocol::write_echo_fields(&mut body, msg, id, room, OffsetDateTime::now_utc());
+        let echo = &body[protocol::BROADCAST_PREFIX.len()..];
+
+        let local_others = self.members.members(room).len() > 1;
+        let remote = self.shared.inboxes.len() > 1;
+        if local_others || remote {
+            let fanout = Fanout {
+                room: room.clone(),
+                frame: shared_text_frame(&body),
+            };
+            if remote && let Err(PublishError::Overloaded) = self.publisher.publish(&fanout) {
+                let mut r = Rejection::whole(
+                    ErrorCode::Overloaded,
+                    "the server is shedding load; retry later",
+                );
+                r.client_message_id = msg.client_message_id.as_deref().map(str::to_owned);
+                self.scratch = body;
+                self.reject(t, &r);
+                return;
+            }
+            self.deliver(&fanout, Some(t));
+        }
+
+        if msg.message_type != MessageType::Text {
+            self.update_presence(t, room, msg);
+        }
+
+        if let Some(conn) = self.conns.get_mut(t) {
+            let mut header = [0u8; 10];
+            let n = write_text_header(protocol::ACK_PREFIX.len() + echo.len(), &mut header);
+            conn.out.push_owned(&header[..n], &mut self.pool);
+            conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
+            conn.out.push_owned(echo, &mut self.pool);
+            self.stats.acks.inc();
+            self.stats.frames_out.inc();
+            self.stats.message(msg.message_type);
+            self.mark_dirty(t);
+        }
+        self.scratch = body;
+    }
+
+    fn update_presence(&mut self, t: usize, room: &Arc<str>, msg: &ChatMessage<'_>) {
+        let Some(Phase::Open(session)) = self.conns.get_mut(t).map(|c| &mut c.phase) else {
+            return;
+        };
+        let presence = &self.shared.presence;
+        if msg.message_type == MessageType::Join {
+            match presence.join(room, msg.user_id, &msg.username, (self.id, t)) {
+                PresenceChange::Full => self.stats.presence_dropped.inc(),
+                _ => session.joins.joined(msg.user_id),
+            }
+        } else {
+            presence.leave(room, msg.user_id);
+            session.joins.left(msg.user_id);
+        }
+    }
+
+    fn reject(&mut self, t: usize, r: &Rejection) {
+        let mut body = mem::take(&mut self.scratch);
+        body.clear();
+        protocol::write_error(&mut body, r);
+        if let Some(conn) = self.conns.get_mut(t) {
+            conn.out.push_text_frame(&body, &mut self.pool);
+            self.stats.error(r.code);
+            self.stats.frames_out.inc();
+            self.mark_dirty(t);
+        }
+        self.scratch = body;
+    }
+
+    /// Queues a broadcast to this reactor's members of its room, except `except`.
+    fn deliver(&mut self, fanout: &Fanout, except: Option<usize>) {
+        let hard = self.shared.config.output_hard_limit_bytes;
+        let soft = self.shared.config.output_soft_limit_bytes;
+        let mut delivered = 0;
+        for &m in self.members.members(&fanout.room) {
+            if Some(m) == except {
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(m) else {
+                continue;
+            };
+            conn.out.push_shared(fanout.frame.clone());
+            delivered += 1;
+            let queued = conn.out.len();
+            if queued > hard {
+                // Policy: past the hard limit a slow reader is dropped at the end of this turn.
+                self.slow.push(m);
+            } else if queued > soft && conn.over_soft_since.is_none() {
+                conn.over_soft_since = Some(self.now);
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(m);
+            }
+        }
+        self.stats.fanout_deliveries.add(delivered);
+        self.stats.frames_out.add(delivered);
+    }
+
+    fn deliver_inbox(&mut self) {
+        self.shared.inboxes[self.id].clear_notified();
+        while let Ok(batch) = self.inbox.try_recv() {
+            for fanout in &batch {
+                self.deliver(fanout, None);
+            }
+        }
+    }
+
+    // ----- writing -----
+
+    fn mark_dirty(&mut self, t: usize) {
+        if let Some(conn) = self.conns.get_mut(t)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(t);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = mem::take(&mut self.dirty);
+        for &t in &dirty {
+            if let Some(conn) = self.conns.get_mut(t) {
+                conn.dirty = false;
+                self.flush(t);
+            }
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    /// Writes what the socket takes and arms WRITABLE only while output remains.
+    fn flush(&mut self, t: usize) {
+        let soft = self.shared.config.output_soft_limit_bytes;
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        match conn.out.write_to(&mut conn.sock, &mut self.pool) {
+            Ok(n) => self.stats.bytes_out.add(n as u64),
+            Err(_) => {
+                let why = matches!(conn.phase, Phase::Open(_)).then_some(Disconnect::PeerGone);
+                self.remove(t, why);
+                return;
+            }
+        }
+        let queued = conn.out.len();
+        let want_writable = queued > 0;
+        if want_writable != conn.writable_armed {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut conn.sock, Token(t), interest)
+                .is_ok()
+            {
+                conn.writable_armed = want_writable;
+            }
+        }
+        if queued <= soft {
+            conn.over_soft_since = None;
+        }
+        match &mut conn.phase {
+            Phase::Open(session) if session.paused && queued <= soft / 2 => {
+                session.paused = false;
+                self.again.push(t);
+            }
+            Phase::Closing { write_shut } if queued == 0 && !*write_shut => {
+                // Everything is written: send FIN, then wait for the peer's EOF (or the linger).
+                *write_shut = true;
+                let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+                self.discard_input(t);
+            }
+            _ => {}
+        }
+    }
+
+    // ----- closing -----
+
+    /// Queues a close frame with `code` and moves the connection to `Closing`.
+    fn close_ws(&mut self, t: usize, code: CloseCode, reason: &str, why: Disconnect) {
+        if let Some(conn) = self.conns.get_mut(t)
+            && let Phase::Open(session) = &mut conn.phase
+        {
+            // A close reason must fit a control frame (125 bytes, 2 of them the code).
+            let mut end = reason.len().min(120);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            let frame = CloseFrame {
+                code,
+                reason: reason[..end].to_owned().into(),
+            };
+            let mut io = WsIo {
+                sock: &mut conn.sock,
+                out: &mut conn.out,
+                pool: &mut self.pool,
+                read_bytes: 0,
+            };
+            // Writes into our queue; an error only means tungstenite thinks it is closed already.
+            let _ = session.ctx.close(&mut io, Some(frame));
+        }
+        self.start_closing(t, why);
+    }
+
+    fn start_closing(&mut self, t: usize, why: Disconnect) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let phase = mem::replace(&mut conn.phase, Phase::Closing { write_shut: false });
+        conn.since = self.now;
+        if let Phase::Open(session) = phase {
+            self.end_session(t, &session);
+        }
+        self.stats.disconnect(why);
+        self.mark_dirty(t);
+        self.discard_input(t);
+    }
+
+    fn end_session(&mut self, t: usize, session: &Session) {
+        self.members.leave(&session.room, t);
+        if !session.joins.users().is_empty() {
+            self.shared
+                .presence
+                .drop_holder(&session.room, (self.id, t), session.joins.users());
+        }
+        self.websockets -= 1;
+        self.stats.websockets.set(self.websockets);
+    }
+
+    /// Closes the socket now. `why` is counted unless the reason was counted already.
+    fn remove(&mut self, t: usize, why: Option<Disconnect>) {
+        if !self.conns.contains(t) {
+            return;
+        }
+        let mut conn = self.conns.remove(t);
+        if let Phase::Open(session) = &conn.phase {
+            self.end_session(t, session);
+        }
+        conn.out.clear(&mut self.pool);
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        if let Some(why) = why {
+            self.stats.disconnect(why);
+        }
+        self.stats.connections.set(self.conns.len() as u64);
+        self.maybe_resume_accept();
+    }
+
+    fn drop_slow(&mut self) {
+        while let Some(t) = self.slow.pop() {
+            let hard = self.shared.config.output_hard_limit_bytes;
+            if self.conns.get(t).is_some_and(|c| c.out.len() > hard) {
+                self.remove(t, Some(Disconnect::SlowConsumer));
+            }
+        }
+    }
+
+    // ----- timers -----
+
+    fn tick(&mut self) {
+        let config = &self.shared.config;
+        let handshake_timeout = config.handshake_timeout();
+        let idle_timeout = config.idle_timeout();
+        let ping_interval = config.ping_interval();
+        let soft_window = config.output_soft_limit_window();
+        let now = self.now;
+        let mut queued = 0;
+        let mut expired: Vec<(usize, Option<Disconnect>)> = Vec::new();
+        let mut pings = Vec::new();
+        for (t, conn) in &mut self.conns {
+            queued += conn.out.len();
+            match &conn.phase {
+                Phase::Request { .. } if now - conn.since >= handshake_timeout => {
+                    expired.push((t, Some(Disconnect::HandshakeTimeout)));
+                }
+                Phase::Open(_) => {
+                    if conn.over_soft_since.is_some_and(|s| now - s >= soft_window) {
+                        expired.push((t, Some(Disconnect::SlowConsumer)));
+                    } else if now - conn.last_in >= idle_timeout {
+                        expired.push((t, Some(Disconnect::IdleTimeout)));
+                    } else if let Some(every) = ping_interval
+                        && now - conn.last_in >= every
+                        && !conn.ping_outstanding
+                    {
+                        conn.ping_outstanding = true;
+                        pings.push(t);
+                    }
+                }
+                Phase::Closing { .. } if now - conn.since >= CLOSING_LINGER => {
+                    expired.push((t, None));
+                }
+                _ => {}
+            }
+        }
+        self.stats.queued_bytes.set(queued as u64);
+        self.stats.rooms.set(self.members.room_count() as u64);
+        for t in pings {
+            if let Some(conn) = self.conns.get_mut(t) {
+                conn.out.push_owned(&PING_FRAME, &mut self.pool);
+                self.mark_dirty(t);
+            }
+        }
+        for (t, why) in expired {
+            match why {
+                Some(Disconnect::IdleTimeout) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Normal,
+                        "idle timeout",
+                        Disconnect::IdleTimeout,
+                    );
+                }
+                _ => self.remove(t, why),
+            }
+        }
+        self.maybe_resume_accept();
+    }
+
+    /// Stops accepting, answers what clients already sent, and closes every WebSocket with 1001.
+    fn begin_drain(&mut self) {
+        self.drain_deadline = Some(self.now + self.shared.config.shutdown_timeout());
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.listening = false;
+        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        for t in tokens {
+            match self.conns.get(t).map(|c| &c.phase) {
+                Some(Phase::Request { .. }) => self.remove(t, None),
+                Some(Phase::Open(_)) => {
+                    // Messages already in the socket get their acks before the close frame.
+                    self.read_messages(t);
+                    self.close_ws(
+                        t,
+                        CloseCode::Away,
+                        "server shutting down",
+                        Disconnect::Shutdown,
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The `clientMessageId` of a frame, if it is a valid one, for echoing in an error frame.
+fn client_message_id_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Key {
+        client_message_id: Option<String>,
+    }
+    serde_json::from_str::<Key>(text)
+        .ok()
+        .and_then(|k| k.client_message_id)
+        .filter(|k| protocol::is_valid_id(k))
+}

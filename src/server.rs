@@ -1,0 +1,191 @@
+//! Starting and stopping a node: bind one `SO_REUSEPORT` listener per reactor, spawn the
+//! reactor threads, and drain them on shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use mio::net::TcpListener;
+use mio::{Poll, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::bus::{Inbox, LocalBus};
+use crate::chat::Presence;
+use crate::config::Config;
+use crate::metrics::SharedStats;
+use crate::reactor::{Reactor, Shared, WAKER};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// Setting up a poll, waker or thread failed.
+    #[error("cannot start reactor {reactor}: {source}")]
+    Reactor {
+        /// Which reactor.
+        reactor: usize,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A running node.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+}
+
+/// Asks a server to shut down gracefully; cheap to clone and send to a signal thread.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl ShutdownHandle {
+    /// Begins the drain: stop accepting, answer what was received, close with 1001.
+    pub fn shutdown(&self) {
+        self.0.begin_shutdown();
+    }
+}
+
+impl Server {
+    /// Binds and starts `config.reactor_count()` reactors.
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        let reactors = config.reactor_count();
+        let listeners = bind_listeners(config.listen, reactors, config.backlog)?;
+        let local_addr = listeners[0]
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+
+        let mut polls = Vec::with_capacity(reactors);
+        let mut inboxes = Vec::with_capacity(reactors);
+        let mut receivers = Vec::with_capacity(reactors);
+        for reactor in 0..reactors {
+            let fail = |source| StartError::Reactor { reactor, source };
+            let poll = Poll::new().map_err(fail)?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(fail)?);
+            let (inbox, rx) = Inbox::new(config.reactor_queue_batches, waker);
+            polls.push(poll);
+            inboxes.push(inbox);
+            receivers.push(rx);
+        }
+        let inboxes: Arc<[Inbox]> = inboxes.into();
+        let shared = Arc::new(Shared {
+            node_id: config.resolved_node_id(),
+            presence: Presence::new(config.max_presence_entries),
+            stats: (0..reactors)
+                .map(|_| Arc::new(SharedStats::default()))
+                .collect(),
+            bus: Box::new(LocalBus::new(inboxes.clone())),
+            inboxes,
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            config,
+        });
+
+        let mut threads = Vec::with_capacity(reactors);
+        let parts = polls.into_iter().zip(listeners).zip(receivers).enumerate();
+        for (id, ((poll, listener), rx)) in parts {
+            let fail = |source| StartError::Reactor {
+                reactor: id,
+                source,
+            };
+            let reactor = Reactor::new(id, poll, listener, rx, shared.clone()).map_err(fail)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("reactor-{id}"))
+                .spawn(move || reactor.run())
+                .map_err(fail)?;
+            threads.push(thread);
+        }
+        log::info!(
+            "node {} listening on {local_addr} with {reactors} reactor(s)",
+            shared.node_id
+        );
+        Ok(Server {
+            shared,
+            threads,
+            local_addr,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that can start the shutdown from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
+    }
+
+    /// Begins a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+
+    /// The Prometheus text `/metrics` would return now.
+    pub fn metrics(&self) -> String {
+        self.shared.render_metrics()
+    }
+
+    /// Waits for every reactor to finish its drain.
+    pub fn join(self) {
+        for t in self.threads {
+            if t.join().is_err() {
+                log::error!("a reactor thread panicked");
+            }
+        }
+    }
+}
+
+/// Binds `n` listeners on one address with `SO_REUSEPORT`, so the kernel spreads connections
+/// over the reactors.
+///
+/// A probe without `SO_REUSEPORT` is bound first: it fails if anything else holds the port,
+/// so a second server started by mistake gets "address in use" instead of silently sharing it;
+/// it also resolves port 0 to the one port all reactors then share.
+fn bind_listeners(
+    addr: SocketAddr,
+    n: usize,
+    backlog: i32,
+) -> Result<Vec<TcpListener>, StartError> {
+    let fail = |source| StartError::Bind { addr, source };
+    let probe =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
+    probe.set_reuse_address(true).map_err(fail)?;
+    probe.bind(&addr.into()).map_err(fail)?;
+    let bound = probe
+        .local_addr()
+        .map_err(fail)?
+        .as_socket()
+        .ok_or_else(|| fail(io::Error::other("not an IP address")))?;
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let s = Socket::new(
+                Domain::for_address(bound),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .map_err(fail)?;
+            s.set_reuse_address(true).map_err(fail)?;
+            s.set_reuse_port(true).map_err(fail)?;
+            s.set_nonblocking(true).map_err(fail)?;
+            s.bind(&bound.into()).map_err(fail)?;
+            s.listen(backlog).map_err(fail)?;
+            Ok(TcpListener::from_std(s.into()))
+        })
+        .collect()
+}
