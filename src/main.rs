@@ -109,15 +109,15 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load(args.config.as_deref(), Some(&args))?;
     log::debug!("configuration:\n{}", config.to_toml());
-    let server = Server::start(config).context("starting the server")?;
-    // Scripts and tests wait for this line on stdout.
-    println!("listening on {}", server.local_addr());
-
+    // Signals first: once listeners are open, a connection storm can use up every descriptor.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
     .context("installing signal handlers")?;
+    let server = Server::start(config).context("starting the server")?;
+    // Scripts and tests wait for this line on stdout.
+    println!("listening on {}", server.local_addr());
     let handle = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".into())

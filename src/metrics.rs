@@ -183,6 +183,14 @@ pub struct NodeGauges<'a> {
     pub draining: bool,
 }
 
+/// A metric that is one summed counter: name, type, help, and which field.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ReactorStats) -> &Counter,
+);
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -194,7 +202,7 @@ fn sum(stats: &[&ReactorStats], f: impl Fn(&ReactorStats) -> &Counter) -> u64 {
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
 pub fn render(stats: &[&ReactorStats], node: &NodeGauges<'_>) -> String {
     let mut out = String::with_capacity(8192);
-    let simple: [(&str, &str, &str, fn(&ReactorStats) -> &Counter); 14] = [
+    let simple: [Family; 14] = [
         (
             "chatflow_connections",
             "gauge",

@@ -727,7 +727,17 @@ mod tests {
 
     #[test]
     fn not_an_object_is_invalid_json() {
-        for text in ["", "[1,2]", "42", "\"hi\"", "{", "{\"userId\":1,}", "null"] {
+        let dup = r#"{"userId":1,"userId":2}"#;
+        for text in [
+            "",
+            "[1,2]",
+            "42",
+            "\"hi\"",
+            "{",
+            "{\"userId\":1,}",
+            "null",
+            dup,
+        ] {
             let r = parse_message(text, ROOM).unwrap_err();
             assert_eq!(r.code, ErrorCode::InvalidJson, "{text}");
         }

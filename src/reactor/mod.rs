@@ -148,6 +148,8 @@ pub struct Reactor {
     listener: Option<TcpListener>,
     listening: bool,
     accept_retry_at: Option<Instant>,
+    /// accept() last failed for lack of descriptors or memory (logged once per episode).
+    accept_starved: bool,
     conn_cap: usize,
     conns: Slab<Conn>,
     shared: Arc<Shared>,
@@ -197,6 +199,7 @@ impl Reactor {
             listener: Some(listener),
             listening: true,
             accept_retry_at: None,
+            accept_starved: false,
             conn_cap: config.max_connections.div_ceil(reactors),
             conns: Slab::with_capacity(1024),
             stats: shared.stats[id].clone(),
@@ -293,6 +296,7 @@ impl Reactor {
             };
             match listener.accept() {
                 Ok((sock, _)) => {
+                    self.accept_starved = false;
                     self.stats.accepted.inc();
                     self.admit(sock);
                 }
@@ -306,7 +310,10 @@ impl Reactor {
                     ) {
                         // Out of descriptors or memory: retrying at once would spin. Back off;
                         // closing connections frees descriptors meanwhile.
-                        log::warn!("reactor {}: accept failed ({e}); pausing accepts", self.id);
+                        if !self.accept_starved {
+                            log::warn!("reactor {}: accept failed ({e}); pausing accepts", self.id);
+                            self.accept_starved = true;
+                        }
                         self.pause_accept(Some(self.now + EMFILE_BACKOFF));
                         return;
                     }
