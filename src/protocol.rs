@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::io::Write as _;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -180,13 +179,21 @@ impl ChatMessage<'_> {
 
 /// The UUIDv5 of (`userId`, `clientMessageId`).
 pub fn derived_message_id(user_id: u32, client_message_id: &str) -> Uuid {
-    let mut name = Vec::with_capacity(12 + client_message_id.len());
-    // The user id is written in decimal with a separator that cannot occur in either part.
+    // "{userId}:{key}": the separator cannot occur in either part. At most 6 + 1 + 64 bytes
+    // for valid input; a longer key (only possible from a caller that skipped validation)
+    // is hashed from the heap.
+    let mut buf = [0u8; 80];
     let mut digits = itoa::Buffer::new();
-    name.extend_from_slice(digits.format(user_id).as_bytes());
-    name.push(b':');
-    name.extend_from_slice(client_message_id.as_bytes());
-    Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &name)
+    let user = digits.format(user_id).as_bytes();
+    let len = user.len() + 1 + client_message_id.len();
+    if len > buf.len() {
+        let name = format!("{user_id}:{client_message_id}");
+        return Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes());
+    }
+    buf[..user.len()].copy_from_slice(user);
+    buf[user.len()] = b':';
+    buf[user.len() + 1..len].copy_from_slice(client_message_id.as_bytes());
+    Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &buf[..len])
 }
 
 /// True for 1..=64 characters of `[A-Za-z0-9_-]`: the rule for room ids and client keys.
@@ -429,19 +436,38 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Formats a UTC time as RFC 3339 with microseconds and `Z`, e.g. `2026-11-21T22:41:01.125431Z`.
+/// Written digit by digit: this runs for every message, and `write!` costs several times more.
 pub fn write_rfc3339_micros(out: &mut Vec<u8>, t: OffsetDateTime) {
     let t = t.to_offset(time::UtcOffset::UTC);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    );
+    fn digits(out: &mut Vec<u8>, value: u32, width: usize) {
+        let mut buf = [b'0'; 10];
+        let mut v = value;
+        for i in (0..width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&buf[..width]);
+    }
+    let year = t.year();
+    if (0..=9999).contains(&year) {
+        digits(out, year as u32, 4);
+    } else {
+        // Outside RFC 3339's range; still unambiguous.
+        out.extend_from_slice(year.to_string().as_bytes());
+    }
+    out.push(b'-');
+    digits(out, u32::from(u8::from(t.month())), 2);
+    out.push(b'-');
+    digits(out, u32::from(t.day()), 2);
+    out.push(b'T');
+    digits(out, u32::from(t.hour()), 2);
+    out.push(b':');
+    digits(out, u32::from(t.minute()), 2);
+    out.push(b':');
+    digits(out, u32::from(t.second()), 2);
+    out.push(b'.');
+    digits(out, t.microsecond(), 6);
+    out.push(b'Z');
 }
 
 /// The current time as an RFC 3339 string with microseconds.
@@ -760,6 +786,14 @@ mod tests {
         assert_ne!(a, derived_message_id(2, "k"));
         assert_ne!(a, derived_message_id(1, "k2"));
         assert_eq!(a.get_version_num(), 5);
+        let long = "k".repeat(200);
+        assert_eq!(derived_message_id(7, &long), derived_message_id(7, &long));
+        let max_key = "k".repeat(MAX_ID_LEN);
+        let name = format!("100000:{max_key}");
+        assert_eq!(
+            derived_message_id(100_000, &max_key),
+            Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes())
+        );
         let text = without("clientMessageId");
         let m = parse_message(&text, ROOM).expect("valid");
         assert_eq!(m.message_id().get_version_num(), 7);
@@ -779,6 +813,10 @@ mod tests {
         assert_eq!(v["userId"], 12345);
         assert_eq!(v["roomId"], "7");
         assert_eq!(v["serverTimestamp"], "1970-01-01T00:00:00.000000Z");
+        let mut ts = Vec::new();
+        let t = time::macros::datetime!(2026-11-21 22:41:01.125431 +02:00);
+        write_rfc3339_micros(&mut ts, t);
+        assert_eq!(ts, b"2026-11-21T20:41:01.125431Z");
         for key in ["username", "message", "timestamp", "clientMessageId"] {
             assert_eq!(v[key], valid()[key], "{key}");
         }
