@@ -5,7 +5,7 @@
 //! other reactors of this process; a broker-backed bus implements the same traits.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
@@ -37,9 +37,8 @@ pub trait Publisher: Send {
     /// Accepts `fanout` for every member outside the calling reactor, or refuses it whole.
     fn publish(&mut self, fanout: &Fanout) -> Result<(), PublishError>;
 
-    /// Hands over what `publish` buffered. Called before the reactor waits for events.
-    /// Returns how many broadcasts were dropped because a queue filled after `publish`
-    /// accepted them.
+    /// Hands over what `publish` buffered. Called before the reactor writes the acks of this
+    /// turn. Returns how many broadcasts were lost because a target reactor had stopped.
     fn flush(&mut self) -> usize;
 }
 
@@ -58,14 +57,18 @@ pub trait Bus: Send + Sync {
 /// Where other threads put broadcasts for one reactor: a bounded channel and the reactor's
 /// waker.
 ///
-/// Policy when full: [`LocalPublisher::publish`] refuses new messages once a target queue is 90%
-/// full, so the sender gets `OVERLOADED` and nothing is half-delivered; a batch that still finds
-/// the queue full (a race between publishers) is dropped and counted.
+/// Policy when full: a publisher reserves a slot for every batch it starts *before* it accepts
+/// the message, and [`LocalPublisher::publish`] refuses the message whole (the sender gets
+/// `OVERLOADED`, no member anywhere gets it) when any target has no slot left. A reserved slot
+/// cannot be taken by anyone else, so a batch that was reserved is never dropped and an ack
+/// never claims a delivery that could still fail.
 pub struct Inbox {
     tx: Sender<Batch>,
     waker: Arc<Waker>,
     /// Set when a wake-up is pending, so a burst of batches costs one `eventfd` write.
     notified: AtomicBool,
+    /// Slots promised to batches being filled. Invariant: queued + reserved <= capacity.
+    reserved: AtomicUsize,
     capacity: usize,
 }
 
@@ -78,21 +81,51 @@ impl Inbox {
                 tx,
                 waker,
                 notified: AtomicBool::new(false),
+                reserved: AtomicUsize::new(0),
                 capacity,
             },
             rx,
         )
     }
 
-    /// Sends a batch; `Err` returns it when the queue is full or the reactor is gone.
-    pub fn send(&self, batch: Batch) -> Result<(), Batch> {
-        match self.tx.try_send(batch) {
+    /// Promises one slot to a batch that will be sent later; false when the queue is full.
+    pub fn reserve(&self) -> bool {
+        let mut reserved = self.reserved.load(Ordering::Acquire);
+        loop {
+            if self.tx.len() + reserved >= self.capacity {
+                return false;
+            }
+            match self.reserved.compare_exchange_weak(
+                reserved,
+                reserved + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => reserved = now,
+            }
+        }
+    }
+
+    /// Gives back a slot that will not be used.
+    pub fn unreserve(&self) {
+        self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Sends a batch into a slot reserved with [`Inbox::reserve`]. `Err` returns it only when
+    /// the reactor is gone (it is shutting down).
+    pub fn send_reserved(&self, batch: Batch) -> Result<(), Batch> {
+        // The slot is counted as reserved until the batch is in the channel, so the sum never
+        // drops below the truth while the hand-over happens.
+        let result = match self.tx.try_send(batch) {
             Ok(()) => {
                 self.wake();
                 Ok(())
             }
             Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) => Err(b),
-        }
+        };
+        self.unreserve();
+        result
     }
 
     /// Wakes the reactor unless a wake-up is already pending.
@@ -117,10 +150,6 @@ impl Inbox {
     /// Batches the queue holds at most.
     pub fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    fn nearly_full(&self) -> bool {
-        self.tx.len() * 10 >= self.capacity * 9
     }
 }
 
@@ -163,16 +192,16 @@ struct LocalPublisher {
     inboxes: Arc<[Inbox]>,
     /// Broadcasts buffered per target reactor until the next flush.
     pending: Vec<Batch>,
-    /// Broadcasts dropped since the last flush (a full batch met a full queue).
+    /// Broadcasts lost since the last flush (a target reactor had stopped).
     dropped: usize,
 }
 
 impl LocalPublisher {
-    fn send(&mut self, target: usize) -> usize {
+    /// Sends the batch for `target`, whose slot was reserved when the batch was started.
+    fn send(&mut self, target: usize) {
         let batch = std::mem::take(&mut self.pending[target]);
-        match self.inboxes[target].send(batch) {
-            Ok(()) => 0,
-            Err(lost) => lost.len(),
+        if let Err(lost) = self.inboxes[target].send_reserved(batch) {
+            self.dropped += lost.len();
         }
     }
 }
@@ -180,13 +209,19 @@ impl LocalPublisher {
 impl Publisher for LocalPublisher {
     fn publish(&mut self, fanout: &Fanout) -> Result<(), PublishError> {
         let me = self.me;
-        if self
-            .inboxes
-            .iter()
-            .enumerate()
-            .any(|(i, inbox)| i != me && inbox.nearly_full())
-        {
-            return Err(PublishError::Overloaded);
+        // Reserve a slot for every batch this message starts; all or none.
+        for target in 0..self.inboxes.len() {
+            if target == me || !self.pending[target].is_empty() {
+                continue;
+            }
+            if !self.inboxes[target].reserve() {
+                for undo in 0..target {
+                    if undo != me && self.pending[undo].is_empty() {
+                        self.inboxes[undo].unreserve();
+                    }
+                }
+                return Err(PublishError::Overloaded);
+            }
         }
         for target in 0..self.inboxes.len() {
             if target == me {
@@ -194,20 +229,19 @@ impl Publisher for LocalPublisher {
             }
             self.pending[target].push(fanout.clone());
             if self.pending[target].len() >= MAX_BATCH {
-                self.dropped += self.send(target);
+                self.send(target);
             }
         }
         Ok(())
     }
 
     fn flush(&mut self) -> usize {
-        let mut dropped = std::mem::take(&mut self.dropped);
         for target in 0..self.pending.len() {
             if !self.pending[target].is_empty() {
-                dropped += self.send(target);
+                self.send(target);
             }
         }
-        dropped
+        std::mem::take(&mut self.dropped)
     }
 }
 
@@ -256,14 +290,34 @@ mod tests {
     }
 
     #[test]
-    fn a_nearly_full_reactor_makes_publish_refuse() {
-        let (_polls, boxes, _rxs) = inboxes(2, 10);
+    fn a_full_reactor_makes_publish_refuse_whole_and_never_drop() {
+        let (_polls, boxes, rxs) = inboxes(3, 4);
         let bus = LocalBus::new(boxes);
-        let mut p = bus.publisher(0);
-        for _ in 0..9 {
-            p.publish(&fanout()).expect("room");
-            p.flush();
+        let mut a = bus.publisher(0);
+        let mut b = bus.publisher(1);
+        // Reactor 2 never drains: 4 slots in all.
+        for _ in 0..2 {
+            a.publish(&fanout()).expect("room");
+            a.flush();
+            b.publish(&fanout()).expect("room");
+            b.flush();
         }
-        assert_eq!(p.publish(&fanout()), Err(PublishError::Overloaded));
+        // Each publisher may reach reactor 2 no more; nothing was dropped on the way.
+        assert_eq!(a.publish(&fanout()), Err(PublishError::Overloaded));
+        assert_eq!(b.publish(&fanout()), Err(PublishError::Overloaded));
+        assert_eq!(rxs[2].len(), 4);
+        // The refusal was whole: reactor 1 got nothing from the refused message.
+        assert_eq!(a.flush(), 0);
+        assert_eq!(rxs[1].len(), 2);
+        // A slot reserved while filling a batch holds until that batch is sent.
+        let _ = rxs[2].try_recv();
+        a.publish(&fanout()).expect("one slot free");
+        assert_eq!(
+            b.publish(&fanout()),
+            Err(PublishError::Overloaded),
+            "a's slot is taken"
+        );
+        assert_eq!(a.flush(), 0);
+        assert_eq!(rxs[2].len(), 4);
     }
 }

@@ -169,22 +169,22 @@ impl Presence {
         inner.entries -= removed;
     }
 
-    /// The users present in `room`, by user id.
-    pub fn users(&self, room: &str) -> Vec<PresentUser> {
+    /// How many users are present in `room`, and the first `max` of them by user id. The lock
+    /// is held for at most `max` short copies.
+    pub fn users(&self, room: &str, max: usize) -> (usize, Vec<PresentUser>) {
         let inner = self.inner.lock();
-        inner
-            .rooms
-            .get(room)
-            .map(|users| {
-                users
-                    .iter()
-                    .map(|(&user_id, (name, _))| PresentUser {
-                        user_id,
-                        username: name.clone(),
-                    })
-                    .collect()
+        let Some(users) = inner.rooms.get(room) else {
+            return (0, Vec::new());
+        };
+        let list = users
+            .iter()
+            .take(max)
+            .map(|(&user_id, (name, _))| PresentUser {
+                user_id,
+                username: name.clone(),
             })
-            .unwrap_or_default()
+            .collect();
+        (users.len(), list)
     }
 
     /// (room, user) pairs recorded in all rooms.
@@ -290,13 +290,25 @@ mod tests {
         assert_eq!(p.join(&room, 1, "alice", (0, 1)), PresenceChange::Updated);
         assert_eq!(p.join(&room, 2, "bob", (0, 2)), PresenceChange::Updated);
         assert_eq!(p.join(&room, 1, "alice", (0, 1)), PresenceChange::Unchanged);
-        let names: Vec<_> = p.users("7").into_iter().map(|u| u.username).collect();
+        let names: Vec<_> = p
+            .users("7", 100)
+            .1
+            .into_iter()
+            .map(|u| u.username)
+            .collect();
         assert_eq!(names, ["alice", "bob"]);
         assert_eq!(p.leave("7", 1), PresenceChange::Updated);
         assert_eq!(p.leave("7", 1), PresenceChange::Unchanged);
-        assert_eq!(p.users("7").len(), 1);
+        assert_eq!(p.users("7", 100).1.len(), 1);
         assert_eq!(p.entries(), 1);
-        assert!(p.users("8").is_empty());
+        assert!(p.users("8", 100).1.is_empty());
+        p.join(&room, 3, "carol", (0, 3));
+        let (count, first) = p.users("7", 1);
+        assert_eq!(
+            (count, first.len()),
+            (2, 1),
+            "the list is capped, the count is not"
+        );
     }
 
     #[test]
@@ -308,9 +320,9 @@ mod tests {
         // alice joined again from a newer connection: the old one's close must not remove her.
         p.join(&room, 1, "alice", (1, 5));
         p.drop_holder("7", (0, 1), &[1]);
-        assert_eq!(p.users("7").len(), 2);
+        assert_eq!(p.users("7", 100).1.len(), 2);
         p.drop_holder("7", (1, 1), &[2]);
-        assert_eq!(p.users("7").len(), 1);
+        assert_eq!(p.users("7", 100).1.len(), 1);
         assert_eq!(p.entries(), 1);
     }
 

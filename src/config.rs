@@ -209,8 +209,11 @@ impl Config {
         if self.output_soft_limit_bytes > self.output_hard_limit_bytes {
             return fail("output_soft_limit_bytes must not exceed output_hard_limit_bytes".into());
         }
-        if self.output_hard_limit_bytes < 4096 {
-            return fail("output_hard_limit_bytes must be at least 4096".into());
+        if self.output_hard_limit_bytes < 4096 || self.output_soft_limit_bytes < 1024 {
+            return fail(
+                "output_hard_limit_bytes must be at least 4096 and output_soft_limit_bytes at least 1024"
+                    .into(),
+            );
         }
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return fail("handshake_timeout_ms and idle_timeout_ms must be above 0".into());

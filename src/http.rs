@@ -150,6 +150,13 @@ pub fn route(
                     "roomId must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'".into(),
                 );
             }
+            if method == "HEAD" {
+                // Answered like a GET that is not an upgrade.
+                return Route::Error(
+                    Status::UpgradeRequired,
+                    "this path is a WebSocket endpoint: send an RFC 6455 upgrade".into(),
+                );
+            }
             if method != "GET" {
                 return wrong_method();
             }
@@ -199,30 +206,36 @@ pub fn route(
 }
 
 fn api_route(rest: &[&str], get: bool, wrong_method: impl Fn() -> Route) -> Route {
-    let known = match rest {
-        ["rooms", room, "presence"] => {
-            if !is_valid_id(room) {
-                return Route::Error(
-                    Status::BadRequest,
-                    "roomId must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'".into(),
-                );
-            }
-            if !get {
-                return wrong_method();
-            }
-            return Route::Presence((*room).to_string());
-        }
-        ["rooms", _, "messages"] | ["users", _, "messages"] | ["users", _, "rooms"] => true,
-        ["active-users"] | ["analytics"] | ["metrics"] => true,
-        _ => false,
+    const BAD_ROOM: &str = "roomId must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'";
+    const BAD_USER: &str = "userId must be an integer between 1 and 100000";
+    let valid_user = |u: &str| {
+        !u.is_empty()
+            && u.len() <= 6
+            && u.bytes().all(|b| b.is_ascii_digit())
+            && u.parse::<u32>()
+                .is_ok_and(|n| (1..=crate::protocol::MAX_USER_ID).contains(&n))
     };
-    match (known, get) {
-        (false, _) => Route::Error(
-            Status::NotFound,
-            format!("no route for /api/{}", rest.join("/")),
-        ),
-        (true, false) => wrong_method(),
-        (true, true) => Route::NeedsStore,
+    let (bad_param, presence) = match rest {
+        ["rooms", room, "presence"] => ((!is_valid_id(room)).then_some(BAD_ROOM), Some(*room)),
+        ["rooms", room, "messages"] => ((!is_valid_id(room)).then_some(BAD_ROOM), None),
+        ["users", user, "messages" | "rooms"] => ((!valid_user(user)).then_some(BAD_USER), None),
+        ["active-users"] | ["analytics"] | ["metrics"] => (None, None),
+        _ => {
+            return Route::Error(
+                Status::NotFound,
+                format!("no route for /api/{}", rest.join("/")),
+            );
+        }
+    };
+    if !get {
+        return wrong_method();
+    }
+    if let Some(message) = bad_param {
+        return Route::Error(Status::BadRequest, message.into());
+    }
+    match presence {
+        Some(room) => Route::Presence(room.to_string()),
+        None => Route::NeedsStore,
     }
 }
 
@@ -348,6 +361,22 @@ mod tests {
         assert!(matches!(
             get("/api/rooms/a.b/presence"),
             Route::Error(Status::BadRequest, _)
+        ));
+        assert!(matches!(
+            get("/api/rooms/a.b/messages"),
+            Route::Error(Status::BadRequest, _)
+        ));
+        for user in ["abc", "0", "100001", "-1", "1.5", ""] {
+            let path = format!("/api/users/{user}/messages");
+            assert!(
+                matches!(get(&path), Route::Error(Status::BadRequest, _)),
+                "{path}"
+            );
+        }
+        assert_eq!(get("/api/users/100000/rooms"), Route::NeedsStore);
+        assert!(matches!(
+            head("HEAD /chat/7 HTTP/1.1\r\n\r\n"),
+            Route::Error(Status::UpgradeRequired, _)
         ));
         assert!(matches!(
             head("DELETE /health HTTP/1.1\r\n\r\n"),

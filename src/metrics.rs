@@ -129,7 +129,7 @@ pub struct ReactorStats {
     pub errors: [Counter; 7],
     /// Broadcast frames queued to room members on this reactor.
     pub fanout_deliveries: Counter,
-    /// Broadcast batches dropped because a reactor's queue was full.
+    /// Broadcasts lost because their target reactor had stopped (only during shutdown).
     pub fanout_dropped: Counter,
     /// JOINs not recorded because presence was full.
     pub presence_dropped: Counter,
@@ -360,7 +360,7 @@ pub fn render(stats: &[&ReactorStats], node: &NodeGauges<'_>) -> String {
         &mut out,
         "chatflow_fanout_dropped_total",
         "counter",
-        "Broadcast batches dropped because a reactor queue was full.",
+        "Broadcasts lost because the target reactor had stopped (shutdown only).",
     );
     let _ = writeln!(
         out,

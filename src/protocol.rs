@@ -1,7 +1,8 @@
 //! The ChatFlow wire protocol: validating client frames and writing server frames, with no I/O.
 //!
 //! Everything here works on plain values so it can be tested (and fuzzed) without sockets.
-//! The rules are those of the protocol contract (`docs/protocol.md` summarises them).
+//! The rules are those of the protocol contract; `docs/protocol-notes.md` records the choices
+//! made where the contract is silent.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -378,18 +379,22 @@ pub fn parse_message<'a>(text: &'a str, path_room: &str) -> Result<ChatMessage<'
     note(&mut errors, "messageType", &message_type);
     let client_message_id = client_message_id_rule(raw.client_message_id);
     note(&mut errors, "clientMessageId", &client_message_id);
-    let room_ok = if is_null(raw.room_id) {
-        Ok(())
+    // The rule's outcome, and whether it failed as a mismatch of a well-formed room id.
+    let (room_ok, mismatch) = if is_null(raw.room_id) {
+        (Ok(()), false)
     } else {
         match required_string(raw.room_id) {
-            Ok(room) if room == path_room => Ok(()),
-            Ok(_) => Err(format!(
-                "must equal the room of the connection ({path_room:?})"
-            )),
-            Err(reason) => Err(reason),
+            Ok(room) if room == path_room => (Ok(()), false),
+            Ok(_) => (
+                Err(format!(
+                    "must equal the room of the connection ({path_room:?})"
+                )),
+                true,
+            ),
+            Err(reason) => (Err(reason), false),
         }
     };
-    let room_mismatch_only = errors.is_empty() && room_ok.is_err();
+    let room_mismatch_only = errors.is_empty() && mismatch;
     note(&mut errors, "roomId", &room_ok);
 
     match (
@@ -749,6 +754,12 @@ mod tests {
         assert_eq!(r.code, ErrorCode::ValidationFailed);
         assert_eq!(r.errors.len(), 2);
         assert!(fields(&without("roomId")).is_empty());
+        let r = parse_message(&with("roomId", 7.into()), ROOM).unwrap_err();
+        assert_eq!(
+            r.code,
+            ErrorCode::ValidationFailed,
+            "a wrong type is not a mismatch"
+        );
     }
 
     #[test]

@@ -98,16 +98,25 @@ impl Server {
         let mut threads = Vec::with_capacity(reactors);
         let parts = polls.into_iter().zip(listeners).zip(receivers).enumerate();
         for (id, ((poll, listener), rx)) in parts {
-            let fail = |source| StartError::Reactor {
-                reactor: id,
-                source,
-            };
-            let reactor = Reactor::new(id, poll, listener, rx, shared.clone()).map_err(fail)?;
-            let thread = std::thread::Builder::new()
-                .name(format!("reactor-{id}"))
-                .spawn(move || reactor.run())
-                .map_err(fail)?;
-            threads.push(thread);
+            let started = Reactor::new(id, poll, listener, rx, shared.clone()).and_then(|r| {
+                std::thread::Builder::new()
+                    .name(format!("reactor-{id}"))
+                    .spawn(move || r.run())
+            });
+            match started {
+                Ok(thread) => threads.push(thread),
+                Err(source) => {
+                    // Stop the reactors already running before reporting the failure.
+                    shared.begin_shutdown();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(StartError::Reactor {
+                        reactor: id,
+                        source,
+                    });
+                }
+            }
         }
         log::info!(
             "node {} listening on {local_addr} with {reactors} reactor(s)",

@@ -223,3 +223,26 @@ fn a_taken_port_is_an_error_not_a_shared_port() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_client_that_keeps_sending_cannot_hold_up_the_drain() {
+    let mut p = Proc::spawn("", &[("CHATFLOW_SHUTDOWN_TIMEOUT_MS", "1500")]);
+    let raw = raw_upgrade(p.addr, "flood");
+    let mut reader = raw.try_clone().expect("clone");
+    let mut writer = raw;
+    // Read and discard everything (so it is not a slow consumer) ...
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    // ... while sending invalid messages as fast as the socket takes them.
+    let burst: Vec<u8> = (0..1000)
+        .flat_map(|_| util::client_frame(0x1, b"{}", Some([1, 2, 3, 4])))
+        .collect();
+    std::thread::spawn(move || while writer.write_all(&burst).is_ok() {});
+    std::thread::sleep(Duration::from_millis(300));
+    p.signal(libc::SIGTERM);
+    let (status, took) = p.wait(Duration::from_secs(6));
+    assert!(status.success(), "{status}: {}", p.stderr());
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}

@@ -40,10 +40,15 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 const TICK: Duration = Duration::from_millis(250);
 /// Messages read from one connection before others get a turn.
 const READ_BUDGET: usize = 64;
+/// Messages read from one connection when a drain begins, so what it already sent gets acks
+/// but a client that keeps sending cannot hold the drain up.
+const DRAIN_READ_BUDGET: usize = 1024;
 /// How long a closing connection may take to finish (peer's close reply, then EOF).
 const CLOSING_LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after the process ran out of file descriptors.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
+/// Most users listed by `GET /api/rooms/{roomId}/presence` (`count` still gives the total).
+const PRESENCE_LIST_MAX: usize = 1000;
 /// A ping frame with no payload.
 const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
@@ -225,11 +230,12 @@ impl Reactor {
         let mut events = Events::with_capacity(1024);
         loop {
             self.drop_slow();
-            self.flush_dirty();
+            // Broadcasts are handed to the other reactors before this turn's acks are written.
             let dropped = self.publisher.flush();
             if dropped > 0 {
                 self.stats.fanout_dropped.add(dropped as u64);
             }
+            self.flush_dirty();
             if let Some(deadline) = self.drain_deadline
                 && (self.conns.is_empty() || self.now >= deadline)
             {
@@ -317,7 +323,14 @@ impl Reactor {
                         self.pause_accept(Some(self.now + EMFILE_BACKOFF));
                         return;
                     }
-                    // ECONNABORTED and the like concern one connection only.
+                    if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO)) {
+                        // The client gave up before we accepted: that one connection only.
+                        continue;
+                    }
+                    // Anything else may repeat on every call: back off instead of spinning.
+                    log::warn!("reactor {}: accept failed ({e}); pausing accepts", self.id);
+                    self.pause_accept(Some(self.now + EMFILE_BACKOFF));
+                    return;
                 }
             }
         }
@@ -504,17 +517,21 @@ impl Reactor {
                 self.shared.render_metrics(),
             ),
             Route::Presence(room) => {
-                let users: Vec<_> = self
-                    .shared
-                    .presence
-                    .users(&room)
+                let (count, users) = self.shared.presence.users(&room, PRESENCE_LIST_MAX);
+                let users: Vec<_> = users
                     .into_iter()
                     .map(|u| serde_json::json!({ "userId": u.user_id, "username": u.username }))
                     .collect();
+                let truncated = users.len() < count;
                 json(
                     Status::Ok,
-                    serde_json::json!({ "roomId": room, "count": users.len(), "users": users })
-                        .to_string(),
+                    serde_json::json!({
+                        "roomId": room,
+                        "count": count,
+                        "users": users,
+                        "truncated": truncated,
+                    })
+                    .to_string(),
                 )
             }
             Route::NeedsStore => json(
@@ -522,7 +539,6 @@ impl Reactor {
                 r#"{"error":"message history and analytics need a store; this server has none configured"}"#.into(),
             ),
             Route::Error(status, message) => {
-                self.stats.disconnect(Disconnect::BadRequest);
                 let bytes = http::error_response(status, &message, head_only);
                 self.respond(t, bytes, status.code());
                 return;
@@ -576,10 +592,17 @@ impl Reactor {
     }
 
     /// Reads and handles WebSocket messages until the socket would block, the budget is spent
-    /// or the client's output is over the soft limit.
+    /// or the client's output is over the soft limit. `draining` reads once more, paused or
+    /// not, up to a larger budget and the hard limit.
     fn read_messages(&mut self, t: usize) {
         let soft = self.shared.config.output_soft_limit_bytes;
-        let unlimited = self.drain_deadline.is_some();
+        let hard = self.shared.config.output_hard_limit_bytes;
+        let draining = self.drain_deadline.is_some();
+        let budget = if draining {
+            DRAIN_READ_BUDGET
+        } else {
+            READ_BUDGET
+        };
         let mut handled = 0;
         loop {
             let Some(conn) = self.conns.get_mut(t) else {
@@ -588,13 +611,14 @@ impl Reactor {
             let Phase::Open(session) = &mut conn.phase else {
                 return;
             };
-            if conn.out.len() > soft && !unlimited {
+            if draining {
+                if conn.out.len() > hard || handled >= budget {
+                    return;
+                }
+            } else if session.paused || conn.out.len() > soft {
                 // Policy: a client that does not read its acks is not read either; reading
                 // resumes when its output drains to half the soft limit.
                 session.paused = true;
-                return;
-            }
-            if session.paused {
                 return;
             }
             let mut io = WsIo {
@@ -693,7 +717,7 @@ impl Reactor {
                 }
             }
             handled += 1;
-            if handled >= READ_BUDGET && !unlimited {
+            if handled >= budget && !draining {
                 // Fairness: others get a turn; this connection is read again before the next wait.
                 self.again.push(t);
                 return;
@@ -837,6 +861,10 @@ impl Reactor {
             let Some(conn) = self.conns.get_mut(m) else {
                 continue;
             };
+            if conn.out.len() > hard {
+                // Already condemned this turn: queue nothing more for it.
+                continue;
+            }
             conn.out.push_shared(fanout.frame.clone());
             delivered += 1;
             let queued = conn.out.len();
@@ -942,8 +970,13 @@ impl Reactor {
 
     /// Queues a close frame with `code` and moves the connection to `Closing`.
     fn close_ws(&mut self, t: usize, code: CloseCode, reason: &str, why: Disconnect) {
-        if let Some(conn) = self.conns.get_mut(t)
-            && let Phase::Open(session) = &mut conn.phase
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        // A connection already closing has been counted and has sent its close frame.
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
         {
             // A close reason must fit a control frame (125 bytes, 2 of them the code).
             let mut end = reason.len().min(120);
