@@ -72,6 +72,18 @@ pub struct Config {
     pub socket_send_buffer_bytes: usize,
     /// SO_RCVBUF for client sockets, bytes; 0 keeps the kernel's autotuning. Default 0.
     pub socket_recv_buffer_bytes: usize,
+    /// TCP keepalive idle time for client sockets, seconds; 0 disables. Default 0.
+    pub tcp_keepalive_secs: u64,
+    /// Pin reactor thread i to core i (modulo the core count). Default false.
+    pub pin_reactors: bool,
+    /// Separate address for `/metrics` and `/api/*`; empty serves them on `listen`. Default empty.
+    pub admin_listen: String,
+    /// Secret for signed access tokens; empty (and no file) disables them. Default empty.
+    pub auth_secret: String,
+    /// File whose first line is the token secret; wins over `auth_secret`. Default empty.
+    pub auth_secret_file: String,
+    /// Browser origins allowed to open WebSockets; empty allows any. Default empty.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -101,6 +113,12 @@ impl Default for Config {
             tcp_nodelay: true,
             socket_send_buffer_bytes: 0,
             socket_recv_buffer_bytes: 0,
+            tcp_keepalive_secs: 0,
+            pin_reactors: false,
+            admin_listen: String::new(),
+            auth_secret: String::new(),
+            auth_secret_file: String::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -152,17 +170,28 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let keys = Self::keys();
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
         for (name, value) in env {
             let Some(key) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
             let key = key.to_ascii_lowercase();
-            if !keys.contains(&key) {
+            let value = match defaults.get(&key) {
+                // Lists come as comma-separated values.
+                Some(toml::Value::Array(_)) => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| toml::Value::String(v.to_string()))
+                        .collect(),
+                ),
+                Some(toml::Value::String(_)) => toml::Value::String(value),
+                Some(_) => env_value(&value),
                 // Unknown CHATFLOW_ variables may belong to other tools (e.g. the load tester).
-                continue;
-            }
-            table.insert(key, env_value(&value));
+                None => continue,
+            };
+            table.insert(key, value);
         }
         let origin = file.map_or("environment".to_string(), |p| {
             format!("{} (or CHATFLOW_* environment)", p.display())
@@ -233,10 +262,69 @@ impl Config {
         if self.reactors > 1024 {
             return fail("reactors must be at most 1024".into());
         }
+        if !self.admin_listen.is_empty() {
+            match self.admin_addr() {
+                Some(addr) if addr == self.listen && addr.port() != 0 => {
+                    return fail("admin_listen must differ from listen".into());
+                }
+                Some(_) => {}
+                None => {
+                    return fail(format!(
+                        "admin_listen {:?} is not ADDRESS:PORT",
+                        self.admin_listen
+                    ));
+                }
+            }
+        }
+        self.auth_key()?;
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return fail(format!(
+                    "allowed_origins entry {origin:?} must look like https://host[:port] (scheme, host, no path)"
+                ));
+            }
+        }
         if !self.node_id.is_empty() && !crate::protocol::is_valid_id(&self.node_id) {
             return fail("node_id must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'".into());
         }
         Ok(())
+    }
+
+    /// `admin_listen` parsed; `None` when empty or malformed.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listen.parse().ok()
+    }
+
+    /// The token secret from `auth_secret_file` or `auth_secret`; `None` when auth is off.
+    pub fn auth_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let secret = if !self.auth_secret_file.is_empty() {
+            let text = std::fs::read_to_string(&self.auth_secret_file).map_err(|source| {
+                ConfigError::Read {
+                    path: self.auth_secret_file.clone(),
+                    source,
+                }
+            })?;
+            text.lines().next().unwrap_or("").trim().to_string()
+        } else {
+            self.auth_secret.clone()
+        };
+        if secret.is_empty() {
+            if !self.auth_secret_file.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{} holds no secret",
+                    self.auth_secret_file
+                )));
+            }
+            return Ok(None);
+        }
+        if secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "the auth secret must be at least 16 characters".into(),
+            ));
+        }
+        Ok(Some(secret.into_bytes()))
     }
 
     /// The reactor count after resolving 0 to the number of cores.
@@ -349,6 +437,32 @@ mod tests {
         assert!(!c.tcp_nodelay);
         assert_eq!(c.listen.port(), 9000);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lists_come_comma_separated_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "CHATFLOW_ALLOWED_ORIGINS",
+                "https://a.example, http://b.example:8080",
+            )]),
+        )
+        .expect("load");
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "http://b.example:8080"]
+        );
+        let err =
+            Config::load(None, env(&[("CHATFLOW_ALLOWED_ORIGINS", "a.example")])).unwrap_err();
+        assert!(err.to_string().contains("allowed_origins"), "{err}");
+        let err = Config::load(None, env(&[("CHATFLOW_AUTH_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("16 characters"), "{err}");
+        let err = Config::load(None, env(&[("CHATFLOW_ADMIN_LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("admin_listen"), "{err}");
+        // A numeric-looking string stays a string for string keys.
+        let c = Config::load(None, env(&[("CHATFLOW_NODE_ID", "42")])).expect("load");
+        assert_eq!(c.node_id, "42");
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum Route {
         room: String,
         /// The computed accept key.
         accept: String,
+        /// The `token` query parameter, if any.
+        token: Option<String>,
+        /// The `Origin` header, if any (browsers send it).
+        origin: Option<String>,
     },
     /// `GET /health`.
     Health,
@@ -39,6 +43,10 @@ pub enum Status {
     Ok,
     /// 400.
     BadRequest,
+    /// 401.
+    Unauthorized,
+    /// 403.
+    Forbidden,
     /// 404.
     NotFound,
     /// 405 (with `Allow: GET`).
@@ -59,6 +67,8 @@ impl Status {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
+            Status::Unauthorized => 401,
+            Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
             Status::RequestTimeout => 408,
@@ -72,6 +82,8 @@ impl Status {
         match self {
             Status::Ok => "OK",
             Status::BadRequest => "Bad Request",
+            Status::Unauthorized => "Unauthorized",
+            Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
@@ -132,7 +144,7 @@ pub fn route(
     version: u8,
     header: &dyn Fn(&str) -> Option<String>,
 ) -> Route {
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let get = matches!(method, "GET" | "HEAD");
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let wrong_method = || {
@@ -194,6 +206,8 @@ pub fn route(
             Route::Upgrade {
                 room: (*room).to_string(),
                 accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+                token: crate::auth::query_param(query, "token").map(str::to_string),
+                origin: header("origin"),
             }
         }
         ["health"] if get => Route::Health,
@@ -303,7 +317,9 @@ mod tests {
             Route::Upgrade {
                 room: "room_1-a".into(),
                 // The example of RFC 6455 §1.3.
-                accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()
+                accept: "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into(),
+                token: Some("x".into()),
+                origin: None,
             }
         );
     }

@@ -7,11 +7,13 @@
 //! and [`server`] starts and stops the node.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod bus;
 pub mod chat;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod reactor;
 pub mod server;

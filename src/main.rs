@@ -26,6 +26,27 @@ enum Command {
         /// The TOML file (see chatflow.example.toml).
         file: PathBuf,
     },
+    /// Mint an access token for ws://HOST/chat/{roomId}?token=... (needs the server's secret).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Config file with auth_secret or auth_secret_file (CHATFLOW_AUTH_SECRET works too).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Read the secret from the first line of this file instead.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// The user id (1..=100000) every message on the connection must carry.
+    #[arg(long)]
+    user: u32,
+    /// Rooms the token opens, comma-separated, or * for every room.
+    #[arg(long, default_value = "*")]
+    rooms: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_secs: u64,
 }
 
 /// Flags override CHATFLOW_* environment variables, which override the file.
@@ -66,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Token(args) => token(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +128,38 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let mut config = load(args.config.as_deref(), None)?;
+    if let Some(file) = &args.secret_file {
+        config.auth_secret_file = file.display().to_string();
+    }
+    let secret = config
+        .auth_key()?
+        .context("no secret: set auth_secret_file or auth_secret (or CHATFLOW_AUTH_SECRET), or pass --secret-file")?;
+    anyhow::ensure!(
+        (1..=chatflow::protocol::MAX_USER_ID).contains(&args.user),
+        "--user must be between 1 and 100000"
+    );
+    let rooms: Vec<String> = args
+        .rooms
+        .split(',')
+        .map(|r| r.trim().to_string())
+        .collect();
+    for room in &rooms {
+        anyhow::ensure!(
+            room == "*" || chatflow::protocol::is_valid_id(room),
+            "room {room:?} is not a valid room id (or *)"
+        );
+    }
+    let claims = chatflow::auth::Claims {
+        sub: args.user,
+        rooms,
+        exp: chatflow::auth::unix_now() + args.ttl_secs,
+    };
+    println!("{}", chatflow::auth::mint(&secret, &claims));
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load(args.config.as_deref(), Some(&args))?;
     log::debug!("configuration:\n{}", config.to_toml());
@@ -118,6 +172,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::start(config).context("starting the server")?;
     // Scripts and tests wait for this line on stdout.
     println!("listening on {}", server.local_addr());
+    chatflow::notify::notify_or_log(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        server.local_addr()
+    ));
     let handle = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".into())
@@ -127,6 +185,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 seen += 1;
                 if seen == 1 {
                     log::info!("signal {signal}: draining connections");
+                    chatflow::notify::notify_or_log("STOPPING=1\nSTATUS=draining connections");
                     handle.shutdown();
                 } else {
                     log::warn!("second signal: exiting now");

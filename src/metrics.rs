@@ -126,7 +126,7 @@ pub struct ReactorStats {
     /// Acks sent.
     pub acks: Counter,
     /// Error frames by code.
-    pub errors: [Counter; 7],
+    pub errors: [Counter; 8],
     /// Broadcast frames queued to room members on this reactor.
     pub fanout_deliveries: Counter,
     /// Broadcasts lost because their target reactor had stopped (only during shutdown).

@@ -77,11 +77,13 @@ pub enum ErrorCode {
     Unavailable,
     /// The server is shedding load.
     Overloaded,
+    /// The message's `userId` is not the one the connection's access token was issued to.
+    Unauthorized,
 }
 
 impl ErrorCode {
     /// Every code, in the order metrics list them.
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::InvalidJson,
         ErrorCode::ValidationFailed,
         ErrorCode::RoomMismatch,
@@ -89,6 +91,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Overloaded,
+        ErrorCode::Unauthorized,
     ];
 
     /// The wire spelling.
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Overloaded => "OVERLOADED",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
         }
     }
 

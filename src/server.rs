@@ -29,6 +29,9 @@ pub enum StartError {
         /// The error.
         source: io::Error,
     },
+    /// The configuration could not be turned into a running server (e.g. an unreadable secret).
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
     /// Setting up a poll, waker or thread failed.
     #[error("cannot start reactor {reactor}: {source}")]
     Reactor {
@@ -44,6 +47,7 @@ pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
 }
 
 /// Asks a server to shut down gracefully; cheap to clone and send to a signal thread.
@@ -61,7 +65,13 @@ impl Server {
     /// Binds and starts `config.reactor_count()` reactors.
     pub fn start(config: Config) -> Result<Server, StartError> {
         let reactors = config.reactor_count();
+        let auth_key = config.auth_key()?;
         let listeners = bind_listeners(config.listen, reactors, config.backlog)?;
+        let mut admin_listener = match config.admin_addr() {
+            Some(addr) => Some(bind_listeners(addr, 1, config.backlog)?.remove(0)),
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let local_addr = listeners[0]
             .local_addr()
             .map_err(|source| StartError::Bind {
@@ -89,6 +99,7 @@ impl Server {
                 .map(|_| Arc::new(SharedStats::default()))
                 .collect(),
             bus: Box::new(LocalBus::new(inboxes.clone())),
+            auth_key,
             inboxes,
             draining: AtomicBool::new(false),
             started: Instant::now(),
@@ -98,11 +109,13 @@ impl Server {
         let mut threads = Vec::with_capacity(reactors);
         let parts = polls.into_iter().zip(listeners).zip(receivers).enumerate();
         for (id, ((poll, listener), rx)) in parts {
-            let started = Reactor::new(id, poll, listener, rx, shared.clone()).and_then(|r| {
-                std::thread::Builder::new()
-                    .name(format!("reactor-{id}"))
-                    .spawn(move || r.run())
-            });
+            let admin = if id == 0 { admin_listener.take() } else { None };
+            let started =
+                Reactor::new(id, poll, listener, admin, rx, shared.clone()).and_then(|r| {
+                    std::thread::Builder::new()
+                        .name(format!("reactor-{id}"))
+                        .spawn(move || r.run())
+                });
             match started {
                 Ok(thread) => threads.push(thread),
                 Err(source) => {
@@ -122,16 +135,25 @@ impl Server {
             "node {} listening on {local_addr} with {reactors} reactor(s)",
             shared.node_id
         );
+        if let Some(addr) = admin_addr {
+            log::info!("admin routes (/metrics, /api/*) on {addr}");
+        }
         Ok(Server {
             shared,
             threads,
             local_addr,
+            admin_addr,
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin address actually bound, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// A handle that can start the shutdown from another thread.

@@ -246,3 +246,26 @@ fn a_client_that_keeps_sending_cannot_hold_up_the_drain() {
     assert!(status.success(), "{status}: {}", p.stderr());
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+#[test]
+fn systemd_is_told_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = std::env::temp_dir().join(format!("chatflow-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind");
+    sock.set_read_timeout(Some(util::WAIT)).expect("timeout");
+    let mut p = Proc::spawn("", &[("NOTIFY_SOCKET", path.to_str().expect("utf-8 path"))]);
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY");
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(ready.contains(&p.addr.to_string()), "{ready}");
+    p.signal(libc::SIGTERM);
+    let n = sock.recv(&mut buf).expect("STOPPING");
+    let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    let (status, _) = p.wait(Duration::from_secs(5));
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

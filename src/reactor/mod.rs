@@ -25,6 +25,7 @@ use tungstenite::{Error as WsError, Message};
 
 pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
 
+use crate::auth;
 use crate::bus::{Batch, Bus, Fanout, Inbox, PublishError, Publisher};
 use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
 use crate::config::Config;
@@ -34,6 +35,8 @@ use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
 
 /// Token of the listener.
 const LISTENER: Token = Token(usize::MAX);
+/// Token of the admin listener (reactor 0 only, when `admin_listen` is set).
+const ADMIN_LISTENER: Token = Token(usize::MAX - 2);
 /// Token of the waker other threads use.
 pub const WAKER: Token = Token(usize::MAX - 1);
 /// How often timeouts and limits are checked.
@@ -66,6 +69,8 @@ pub struct Shared {
     pub inboxes: Arc<[Inbox]>,
     /// The message bus.
     pub bus: Box<dyn Bus>,
+    /// The access-token secret; `None` when tokens are not required.
+    pub auth_key: Option<Vec<u8>>,
     /// Set once to begin a graceful shutdown.
     pub draining: AtomicBool,
     /// When the server started.
@@ -127,6 +132,8 @@ struct Session {
     joins: ConnJoins,
     /// Reading stopped because this client's output is above the soft limit.
     paused: bool,
+    /// The user the access token was issued to; every message must carry this `userId`.
+    user: Option<u32>,
 }
 
 struct Conn {
@@ -144,6 +151,8 @@ struct Conn {
     over_soft_since: Option<Instant>,
     /// Already in the reactor's dirty list.
     dirty: bool,
+    /// Accepted on the admin listener.
+    admin: bool,
 }
 
 /// Everything one reactor thread owns.
@@ -152,6 +161,9 @@ pub struct Reactor {
     poll: Poll,
     listener: Option<TcpListener>,
     listening: bool,
+    /// The admin listener, on reactor 0 when `admin_listen` is set. Never paused: admin
+    /// connections are few and short.
+    admin_listener: Option<TcpListener>,
     accept_retry_at: Option<Instant>,
     /// accept() last failed for lack of descriptors or memory (logged once per episode).
     accept_starved: bool,
@@ -183,11 +195,16 @@ impl Reactor {
         id: usize,
         poll: Poll,
         mut listener: TcpListener,
+        mut admin_listener: Option<TcpListener>,
         inbox: Receiver<Batch>,
         shared: Arc<Shared>,
     ) -> io::Result<Reactor> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(admin) = &mut admin_listener {
+            poll.registry()
+                .register(admin, ADMIN_LISTENER, Interest::READABLE)?;
+        }
         let config = &shared.config;
         let reactors = shared.stats.len().max(1);
         let ws_config = WebSocketConfig::default()
@@ -203,6 +220,7 @@ impl Reactor {
             poll,
             listener: Some(listener),
             listening: true,
+            admin_listener,
             accept_retry_at: None,
             accept_starved: false,
             conn_cap: config.max_connections.div_ceil(reactors),
@@ -227,6 +245,9 @@ impl Reactor {
 
     /// Runs until a shutdown has drained every connection or its deadline passed.
     pub fn run(mut self) {
+        if self.shared.config.pin_reactors {
+            pin_to_core(self.id);
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             self.drop_slow();
@@ -257,6 +278,7 @@ impl Reactor {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
+                    ADMIN_LISTENER => self.accept_admin(),
                     WAKER => {}
                     Token(t) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -304,7 +326,7 @@ impl Reactor {
                 Ok((sock, _)) => {
                     self.accept_starved = false;
                     self.stats.accepted.inc();
-                    self.admit(sock);
+                    self.admit(sock, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -336,9 +358,39 @@ impl Reactor {
         }
     }
 
-    fn admit(&mut self, mut sock: TcpStream) {
+    /// Accepts on the admin listener until it would block. A failure (out of descriptors)
+    /// is retried at the next tick, since no new readiness edge may come.
+    fn accept_admin(&mut self) {
+        loop {
+            let Some(listener) = &self.admin_listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    self.stats.accepted.inc();
+                    self.admit(sock, true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.stats.accept_errors.inc();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut sock: TcpStream, admin: bool) {
         let config = &self.shared.config;
         let sref = socket2::SockRef::from(&sock);
+        if config.tcp_keepalive_secs > 0 {
+            let idle = Duration::from_secs(config.tcp_keepalive_secs);
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            let _ = sref.set_tcp_keepalive(&keepalive);
+        }
         // Socket options are tuning: a failure leaves the kernel default in place.
         let _ = sref.set_tcp_nodelay(config.tcp_nodelay);
         if config.socket_send_buffer_bytes > 0 {
@@ -369,6 +421,7 @@ impl Reactor {
             writable_armed: false,
             over_soft_since: None,
             dirty: false,
+            admin,
         });
         self.stats.connections.set(self.conns.len() as u64);
     }
@@ -480,13 +533,35 @@ impl Reactor {
     fn answer(&mut self, t: usize, parsed: http::Head, leftover: Vec<u8>) {
         let head_only = parsed.head_only;
         let json = |status: Status, body: String| (status, "application/json", body);
-        let (status, content_type, body) = match parsed.route {
-            Route::Upgrade { room, accept } => {
-                if self.drain_deadline.is_none() {
-                    self.upgrade(t, &room, &accept, leftover);
-                    return;
+        let on_admin = self.conns.get(t).is_some_and(|c| c.admin);
+        let split = self.shared.config.admin_addr().is_some();
+        let route = match parsed.route {
+            // The admin address serves no chat; with a split, the public one serves no admin.
+            Route::Upgrade { .. } if on_admin => Route::Error(
+                Status::NotFound,
+                "no WebSockets on the admin address".into(),
+            ),
+            Route::Metrics | Route::Presence(_) | Route::NeedsStore if split && !on_admin => {
+                Route::Error(
+                    Status::NotFound,
+                    "this route is served on the admin address".into(),
+                )
+            }
+            route => route,
+        };
+        let (status, content_type, body) = match route {
+            Route::Upgrade { room, accept, token, origin } => {
+                match self.admission(&room, token.as_deref(), origin.as_deref()) {
+                    Ok(user) => {
+                        self.upgrade(t, &room, &accept, leftover, user);
+                        return;
+                    }
+                    Err((status, message)) => {
+                        let bytes = http::error_response(status, &message, head_only);
+                        self.respond(t, bytes, status.code());
+                        return;
+                    }
                 }
-                json(Status::Unavailable, r#"{"error":"the server is shutting down"}"#.into())
             }
             Route::Health => json(
                 Status::Ok,
@@ -559,7 +634,38 @@ impl Reactor {
         }
     }
 
-    fn upgrade(&mut self, t: usize, room: &str, accept: &str, leftover: Vec<u8>) {
+    /// Checks the origin and the access token of an upgrade; returns the token's user.
+    fn admission(
+        &self,
+        room: &str,
+        token: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Option<u32>, (Status, String)> {
+        let allowed = &self.shared.config.allowed_origins;
+        if let Some(origin) = origin
+            && !allowed.is_empty()
+            && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+        {
+            return Err((Status::Forbidden, format!("origin {origin} is not allowed")));
+        }
+        let Some(key) = &self.shared.auth_key else {
+            return Ok(None);
+        };
+        let token = token.ok_or(auth::TokenError::Missing);
+        match token.and_then(|t| auth::verify(key, t, room, auth::unix_now())) {
+            Ok(claims) => Ok(Some(claims.sub)),
+            Err(e) => Err((Status::Unauthorized, e.to_string())),
+        }
+    }
+
+    fn upgrade(
+        &mut self,
+        t: usize,
+        room: &str,
+        accept: &str,
+        leftover: Vec<u8>,
+        user: Option<u32>,
+    ) {
         let config = &self.shared.config;
         let rate = (config.rate_limit_per_sec > 0).then(|| {
             RateLimiter::new(config.rate_limit_per_sec, config.rate_limit_burst, self.now)
@@ -579,6 +685,7 @@ impl Reactor {
             rate,
             joins: ConnJoins::default(),
             paused: false,
+            user,
         };
         conn.phase = Phase::Open(Box::new(session));
         conn.since = self.now;
@@ -768,7 +875,16 @@ impl Reactor {
             return;
         }
         let room = session.room.clone();
+        let token_user = session.user;
         match protocol::parse_message(text, &room) {
+            Ok(msg) if token_user.is_some_and(|u| u != msg.user_id) => {
+                let mut r = Rejection::whole(
+                    ErrorCode::Unauthorized,
+                    "userId differs from the user of this connection's access token",
+                );
+                r.client_message_id = msg.client_message_id.as_deref().map(str::to_owned);
+                self.reject(t, &r);
+            }
             Ok(msg) => self.accept_message(t, &room, &msg),
             Err(r) => self.reject(t, &r),
         }
@@ -1089,6 +1205,9 @@ impl Reactor {
             }
         }
         self.stats.queued_bytes.set(queued as u64);
+        if self.admin_listener.is_some() {
+            self.accept_admin();
+        }
         self.stats.rooms.set(self.members.room_count() as u64);
         for t in pings {
             if let Some(conn) = self.conns.get_mut(t) {
@@ -1117,6 +1236,9 @@ impl Reactor {
         self.drain_deadline = Some(self.now + self.shared.config.shutdown_timeout());
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
+        }
+        if let Some(mut admin) = self.admin_listener.take() {
+            let _ = self.poll.registry().deregister(&mut admin);
         }
         self.listening = false;
         let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
@@ -1150,4 +1272,24 @@ fn client_message_id_of(text: &str) -> Option<String> {
         .ok()
         .and_then(|k| k.client_message_id)
         .filter(|k| protocol::is_valid_id(k))
+}
+
+/// Pins the calling thread to core `id` modulo the cores available; logs when it cannot.
+fn pin_to_core(id: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let core = id % cores;
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it (core < CPU_SETSIZE
+    // because available_parallelism is far below 1024), and sched_setaffinity reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        log::warn!(
+            "reactor {id}: cannot pin to core {core}: {}",
+            io::Error::last_os_error()
+        );
+    }
 }

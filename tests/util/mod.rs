@@ -18,6 +18,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestServer {
     server: Option<Server>,
     pub addr: SocketAddr,
+    /// The admin address, when the test set `admin_listen`.
+    pub admin: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -33,9 +35,11 @@ impl TestServer {
         config.validate().expect("test config is valid");
         let server = Server::start(config).expect("server starts");
         let addr = server.local_addr();
+        let admin = server.admin_addr();
         TestServer {
             server: Some(server),
             addr,
+            admin,
         }
     }
 
@@ -134,6 +138,29 @@ pub fn http(addr: SocketAddr, request: &str) -> HttpReply {
         status,
         head: head.to_string(),
         body: body.to_string(),
+    }
+}
+
+/// Tries an upgrade to `path` (e.g. `/chat/7?token=...`) with an optional Origin header;
+/// `Err` carries the HTTP status of a refusal.
+pub fn try_ws(addr: SocketAddr, path: &str, origin: Option<&str>) -> Result<Client, u16> {
+    use tungstenite::client::IntoClientRequest;
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut request = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("request");
+    if let Some(o) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", o.parse().expect("header value"));
+    }
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(Client { ws }),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            Err(resp.status().as_u16())
+        }
+        Err(e) => panic!("handshake failed oddly: {e}"),
     }
 }
 
