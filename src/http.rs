@@ -22,6 +22,10 @@ pub enum Route {
         /// The `Origin` header, if any (browsers send it).
         origin: Option<String>,
     },
+    /// `GET /`: the chat page.
+    ChatPage,
+    /// `GET /dashboard`: the live node dashboard.
+    Dashboard,
     /// `GET /health`.
     Health,
     /// `GET /ready`.
@@ -210,10 +214,12 @@ pub fn route(
                 origin: header("origin"),
             }
         }
+        [""] if get => Route::ChatPage,
+        ["dashboard"] if get => Route::Dashboard,
         ["health"] if get => Route::Health,
         ["ready"] if get => Route::Ready,
         ["metrics"] if get => Route::Metrics,
-        ["health"] | ["ready"] | ["metrics"] => wrong_method(),
+        [""] | ["dashboard"] | ["health"] | ["ready"] | ["metrics"] => wrong_method(),
         ["api", rest @ ..] => api_route(rest, get, wrong_method),
         _ => Route::Error(Status::NotFound, format!("no route for {path}")),
     }
@@ -362,6 +368,8 @@ mod tests {
     #[test]
     fn routes() {
         let get = |p: &str| head(&format!("GET {p} HTTP/1.1\r\n\r\n"));
+        assert_eq!(get("/"), Route::ChatPage);
+        assert_eq!(get("/dashboard"), Route::Dashboard);
         assert_eq!(get("/health"), Route::Health);
         assert_eq!(get("/ready"), Route::Ready);
         assert_eq!(get("/metrics"), Route::Metrics);
@@ -373,7 +381,6 @@ mod tests {
             get("/api/nope"),
             Route::Error(Status::NotFound, _)
         ));
-        assert!(matches!(get("/"), Route::Error(Status::NotFound, _)));
         assert!(matches!(
             get("/api/rooms/a.b/presence"),
             Route::Error(Status::BadRequest, _)

@@ -190,22 +190,25 @@ fn check_config_accepts_the_sample_and_explains_a_bad_file() {
     let dir = std::env::temp_dir().join(format!("chatflow-cc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "max_connections = 0\n").expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("max_connections must be at least 1"));
-    std::fs::write(&bad, "max_conections = 5\n").expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"));
+    // Each bad file exits 1 and names its problem.
+    for (text, complaint) in [
+        (
+            "max_connections = 0\n",
+            "max_connections must be at least 1",
+        ),
+        ("max_conections = 5\n", "max_conections"),
+        ("listen = 8080\n", "listen"),
+    ] {
+        std::fs::write(&bad, text).expect("write");
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&bad)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(complaint), "{text}: {stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -50,6 +50,11 @@ const DRAIN_READ_BUDGET: usize = 1024;
 const CLOSING_LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after the process ran out of file descriptors.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
+/// The browser chat client, served at `/` (embedded: no build step, no CDN).
+const CHAT_PAGE: &str = include_str!("../../web/chat.html");
+/// The live node dashboard, served at `/dashboard`.
+const DASHBOARD_PAGE: &str = include_str!("../../web/dashboard.html");
+const HTML: &str = "text/html; charset=utf-8";
 /// Most users listed by `GET /api/rooms/{roomId}/presence` (`count` still gives the total).
 const PRESENCE_LIST_MAX: usize = 1000;
 /// A ping frame with no payload.
@@ -541,7 +546,13 @@ impl Reactor {
                 Status::NotFound,
                 "no WebSockets on the admin address".into(),
             ),
-            Route::Metrics | Route::Presence(_) | Route::NeedsStore if split && !on_admin => {
+            Route::ChatPage if on_admin => Route::Error(
+                Status::NotFound,
+                "the chat page is on the public address".into(),
+            ),
+            Route::Metrics | Route::Dashboard | Route::Presence(_) | Route::NeedsStore
+                if split && !on_admin =>
+            {
                 Route::Error(
                     Status::NotFound,
                     "this route is served on the admin address".into(),
@@ -563,6 +574,8 @@ impl Reactor {
                     }
                 }
             }
+            Route::ChatPage => (Status::Ok, HTML, CHAT_PAGE.into()),
+            Route::Dashboard => (Status::Ok, HTML, DASHBOARD_PAGE.into()),
             Route::Health => json(
                 Status::Ok,
                 serde_json::json!({
