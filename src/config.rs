@@ -21,7 +21,7 @@ pub enum AckAfter {
 }
 
 /// Everything `chatflow serve` can be told. Field docs give the unit and the default.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address and port for WebSocket and HTTP. Default `0.0.0.0:8080`.
@@ -278,13 +278,14 @@ impl Config {
         }
         self.auth_key()?;
         for origin in &self.allowed_origins {
-            if !(origin.starts_with("http://") || origin.starts_with("https://"))
-                || origin.ends_with('/')
-            {
+            if normalize_origin(origin).is_none() {
                 return fail(format!(
                     "allowed_origins entry {origin:?} must look like https://host[:port] (scheme, host, no path)"
                 ));
             }
+        }
+        if self.tcp_keepalive_secs > 32_767 {
+            return fail("tcp_keepalive_secs must be at most 32767 (the kernel's limit)".into());
         }
         if !self.node_id.is_empty() && !crate::protocol::is_valid_id(&self.node_id) {
             return fail("node_id must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'".into());
@@ -381,9 +382,41 @@ impl Config {
     }
 
     /// The effective configuration as TOML, for `check-config` and the start-up log.
+    /// Secrets are shown as `<redacted>`: this text goes to terminals and logs.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+        toml::to_string(&self.redacted()).unwrap_or_default()
     }
+
+    fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if !c.auth_secret.is_empty() {
+            c.auth_secret = "<redacted>".into();
+        }
+        c
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_toml())
+    }
+}
+
+/// `scheme://host[:port]` in lower case without the scheme's default port, as browsers send
+/// it in `Origin`; `None` for anything else (a path, no scheme, `null`).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let lower = origin.trim().to_ascii_lowercase();
+    let (scheme, rest) = lower.split_once("://")?;
+    let default_port = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let host = rest.strip_suffix(default_port).unwrap_or(rest);
+    Some(format!("{scheme}://{host}"))
 }
 
 /// Reads an environment value as the TOML type it looks like: integer, bool, else string.
@@ -463,6 +496,44 @@ mod tests {
         // A numeric-looking string stays a string for string keys.
         let c = Config::load(None, env(&[("CHATFLOW_NODE_ID", "42")])).expect("load");
         assert_eq!(c.node_id, "42");
+    }
+
+    #[test]
+    fn secrets_never_reach_printed_config() {
+        let c = Config {
+            auth_secret: "a-very-secret-value-1234".into(),
+            ..Config::default()
+        };
+        assert!(!c.to_toml().contains("a-very-secret-value-1234"));
+        assert!(!format!("{c:?}").contains("a-very-secret-value-1234"));
+        assert!(c.to_toml().contains("auth_secret = \"<redacted>\""));
+    }
+
+    #[test]
+    fn origins_are_normalised_as_browsers_send_them() {
+        let n = |s: &str| normalize_origin(s);
+        assert_eq!(
+            n("HTTPS://Chat.Example.com:443").as_deref(),
+            Some("https://chat.example.com")
+        );
+        assert_eq!(
+            n("http://a.example:8080").as_deref(),
+            Some("http://a.example:8080")
+        );
+        assert_eq!(
+            n("http://a.example:80").as_deref(),
+            Some("http://a.example")
+        );
+        for bad in [
+            "null",
+            "a.example",
+            "https://a.example/path",
+            "https://",
+            "ftp://a.example",
+            "https://u@a.example",
+        ] {
+            assert_eq!(n(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -32,10 +32,21 @@ pub enum Route {
     Ready,
     /// `GET /metrics`.
     Metrics,
-    /// `GET /api/rooms/{room}/presence`.
-    Presence(String),
-    /// A query route that needs a store (`/api/rooms/{id}/messages`, ...).
-    NeedsStore,
+    /// `GET /api/rooms/{room}/presence`, with the `token` query parameter if any.
+    Presence {
+        /// The room.
+        room: String,
+        /// The `token` query parameter.
+        token: Option<String>,
+    },
+    /// A query route that needs a store. `room` is set for the room-scoped one
+    /// (`/api/rooms/{id}/messages`), which the chat page uses; the others are operator routes.
+    NeedsStore {
+        /// The room of a room-scoped route.
+        room: Option<String>,
+        /// The `token` query parameter.
+        token: Option<String>,
+    },
     /// Anything else: an error response.
     Error(Status, String),
 }
@@ -220,12 +231,20 @@ pub fn route(
         ["ready"] if get => Route::Ready,
         ["metrics"] if get => Route::Metrics,
         [""] | ["dashboard"] | ["health"] | ["ready"] | ["metrics"] => wrong_method(),
-        ["api", rest @ ..] => api_route(rest, get, wrong_method),
+        ["api", rest @ ..] => {
+            let token = crate::auth::query_param(query, "token").map(str::to_string);
+            api_route(rest, get, token, wrong_method)
+        }
         _ => Route::Error(Status::NotFound, format!("no route for {path}")),
     }
 }
 
-fn api_route(rest: &[&str], get: bool, wrong_method: impl Fn() -> Route) -> Route {
+fn api_route(
+    rest: &[&str],
+    get: bool,
+    token: Option<String>,
+    wrong_method: impl Fn() -> Route,
+) -> Route {
     const BAD_ROOM: &str = "roomId must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'";
     const BAD_USER: &str = "userId must be an integer between 1 and 100000";
     let valid_user = |u: &str| {
@@ -235,11 +254,28 @@ fn api_route(rest: &[&str], get: bool, wrong_method: impl Fn() -> Route) -> Rout
             && u.parse::<u32>()
                 .is_ok_and(|n| (1..=crate::protocol::MAX_USER_ID).contains(&n))
     };
-    let (bad_param, presence) = match rest {
-        ["rooms", room, "presence"] => ((!is_valid_id(room)).then_some(BAD_ROOM), Some(*room)),
-        ["rooms", room, "messages"] => ((!is_valid_id(room)).then_some(BAD_ROOM), None),
-        ["users", user, "messages" | "rooms"] => ((!valid_user(user)).then_some(BAD_USER), None),
-        ["active-users"] | ["analytics"] | ["metrics"] => (None, None),
+    let (bad_param, route) = match rest {
+        ["rooms", room, "presence"] => (
+            (!is_valid_id(room)).then_some(BAD_ROOM),
+            Route::Presence {
+                room: (*room).to_string(),
+                token,
+            },
+        ),
+        ["rooms", room, "messages"] => (
+            (!is_valid_id(room)).then_some(BAD_ROOM),
+            Route::NeedsStore {
+                room: Some((*room).to_string()),
+                token,
+            },
+        ),
+        ["users", user, "messages" | "rooms"] => (
+            (!valid_user(user)).then_some(BAD_USER),
+            Route::NeedsStore { room: None, token },
+        ),
+        ["active-users"] | ["analytics"] | ["metrics"] => {
+            (None, Route::NeedsStore { room: None, token })
+        }
         _ => {
             return Route::Error(
                 Status::NotFound,
@@ -250,12 +286,9 @@ fn api_route(rest: &[&str], get: bool, wrong_method: impl Fn() -> Route) -> Rout
     if !get {
         return wrong_method();
     }
-    if let Some(message) = bad_param {
-        return Route::Error(Status::BadRequest, message.into());
-    }
-    match presence {
-        Some(room) => Route::Presence(room.to_string()),
-        None => Route::NeedsStore,
+    match bad_param {
+        Some(message) => Route::Error(Status::BadRequest, message.into()),
+        None => route,
     }
 }
 
@@ -373,10 +406,25 @@ mod tests {
         assert_eq!(get("/health"), Route::Health);
         assert_eq!(get("/ready"), Route::Ready);
         assert_eq!(get("/metrics"), Route::Metrics);
-        assert_eq!(get("/api/rooms/7/presence"), Route::Presence("7".into()));
-        assert_eq!(get("/api/rooms/7/messages?limit=5"), Route::NeedsStore);
-        assert_eq!(get("/api/users/5/rooms"), Route::NeedsStore);
-        assert_eq!(get("/api/active-users"), Route::NeedsStore);
+        assert_eq!(
+            get("/api/rooms/7/presence?token=t"),
+            Route::Presence {
+                room: "7".into(),
+                token: Some("t".into())
+            }
+        );
+        assert!(matches!(
+            get("/api/rooms/7/messages?limit=5"),
+            Route::NeedsStore { room: Some(_), .. }
+        ));
+        assert!(matches!(
+            get("/api/users/5/rooms"),
+            Route::NeedsStore { room: None, .. }
+        ));
+        assert!(matches!(
+            get("/api/active-users"),
+            Route::NeedsStore { room: None, .. }
+        ));
         assert!(matches!(
             get("/api/nope"),
             Route::Error(Status::NotFound, _)
@@ -396,7 +444,10 @@ mod tests {
                 "{path}"
             );
         }
-        assert_eq!(get("/api/users/100000/rooms"), Route::NeedsStore);
+        assert!(matches!(
+            get("/api/users/100000/rooms"),
+            Route::NeedsStore { room: None, .. }
+        ));
         assert!(matches!(
             head("HEAD /chat/7 HTTP/1.1\r\n\r\n"),
             Route::Error(Status::UpgradeRequired, _)

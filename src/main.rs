@@ -151,10 +151,14 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
             "room {room:?} is not a valid room id (or *)"
         );
     }
+    anyhow::ensure!(args.ttl_secs >= 1, "--ttl-secs must be at least 1");
+    let exp = chatflow::auth::unix_now()
+        .checked_add(args.ttl_secs)
+        .context("--ttl-secs is too large")?;
     let claims = chatflow::auth::Claims {
         sub: args.user,
         rooms,
-        exp: chatflow::auth::unix_now() + args.ttl_secs,
+        exp,
     };
     println!("{}", chatflow::auth::mint(&secret, &claims));
     Ok(())

@@ -33,11 +33,13 @@ pub enum Disconnect {
     BadRequest,
     /// The server is shutting down (closed with 1001).
     Shutdown,
+    /// The session's access token expired (closed with 1008).
+    TokenExpired,
 }
 
 impl Disconnect {
     /// Every reason, in label order.
-    pub const ALL: [Disconnect; 10] = [
+    pub const ALL: [Disconnect; 11] = [
         Disconnect::ClientClose,
         Disconnect::PeerGone,
         Disconnect::ProtocolError,
@@ -48,6 +50,7 @@ impl Disconnect {
         Disconnect::HandshakeTimeout,
         Disconnect::BadRequest,
         Disconnect::Shutdown,
+        Disconnect::TokenExpired,
     ];
 
     /// The label value.
@@ -63,6 +66,7 @@ impl Disconnect {
             Disconnect::HandshakeTimeout => "handshake_timeout",
             Disconnect::BadRequest => "bad_request",
             Disconnect::Shutdown => "shutdown",
+            Disconnect::TokenExpired => "token_expired",
         }
     }
 }
@@ -134,7 +138,7 @@ pub struct ReactorStats {
     /// JOINs not recorded because presence was full.
     pub presence_dropped: Counter,
     /// Ended connections by reason.
-    pub disconnects: [Counter; 10],
+    pub disconnects: [Counter; 11],
     /// Gauge: bytes queued to clients on this reactor.
     pub queued_bytes: Counter,
     /// Gauge: rooms with members on this reactor.

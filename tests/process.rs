@@ -187,6 +187,22 @@ fn check_config_accepts_the_sample_and_explains_a_bad_file() {
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).contains("max_connections = 10000"));
 
+    // Secrets are never printed back.
+    let dir = std::env::temp_dir().join(format!("chatflow-cc-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let with_secret = dir.join("secret.toml");
+    std::fs::write(&with_secret, "auth_secret = \"do-not-print-this-0123\"\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&with_secret)
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains("do-not-print-this"), "{printed}");
+    assert!(printed.contains("<redacted>"));
+    let _ = std::fs::remove_dir_all(&dir);
+
     let dir = std::env::temp_dir().join(format!("chatflow-cc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let bad = dir.join("bad.toml");
@@ -256,6 +272,8 @@ fn systemd_is_told_ready_and_stopping() {
     let dir = std::env::temp_dir().join(format!("chatflow-notify-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("notify.sock");
+    // A socket file left by an earlier run (same pid) would make bind fail.
+    let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).expect("bind");
     sock.set_read_timeout(Some(util::WAIT)).expect("timeout");
     let mut p = Proc::spawn("", &[("NOTIFY_SOCKET", path.to_str().expect("utf-8 path"))]);

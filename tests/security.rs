@@ -52,26 +52,43 @@ fn forged_expired_wrong_room_and_missing_tokens_get_401() {
     );
     let expired = token(42, &["7"], unix_now() - 1);
     let tampered = format!("{}x", good);
-    for (path, why) in [
-        (format!("/chat/7?token={forged}"), "forged"),
-        (format!("/chat/7?token={expired}"), "expired"),
-        (format!("/chat/8?token={good}"), "wrong room"),
-        (format!("/chat/7?token={tampered}"), "tampered"),
-        ("/chat/7?token=garbage".to_string(), "garbage"),
-        ("/chat/7".to_string(), "missing"),
+    let forged_and_expired = mint(
+        b"not-the-server-secret",
+        &Claims {
+            sub: 42,
+            rooms: vec!["7".into()],
+            exp: 1,
+        },
+    );
+    // Each refusal names its reason; a bad signature is reported before anything the claims
+    // say, so the 401 never tells a forger whether the rest of a token would pass.
+    for (path, why, reason) in [
+        (format!("/chat/7?token={forged}"), "forged", "signature"),
+        (
+            format!("/chat/7?token={forged_and_expired}"),
+            "forged and expired",
+            "signature",
+        ),
+        (format!("/chat/7?token={expired}"), "expired", "expired"),
+        (
+            format!("/chat/8?token={good}"),
+            "wrong room",
+            "does not open this room",
+        ),
+        (format!("/chat/7?token={tampered}"), "tampered", "signature"),
+        ("/chat/7?token=garbage".to_string(), "garbage", "malformed"),
+        ("/chat/7".to_string(), "missing", "required"),
     ] {
         assert_eq!(try_ws(s.addr, &path, None).err(), Some(401), "{why}");
+        let raw = format!(
+            "GET {path} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        let body = http(s.addr, &raw).json();
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(reason)),
+            "{why}: {body}"
+        );
     }
-    let r = http(
-        s.addr,
-        "GET /chat/7 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    );
-    assert_eq!(r.status, 401);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("token"))
-    );
     let any = token(5, &["*"], unix_now() + 60);
     assert!(try_ws(s.addr, &format!("/chat/anything?token={any}"), None).is_ok());
 }
@@ -95,7 +112,6 @@ fn admin_routes_move_to_the_admin_address() {
     let s = TestServer::start(|c| c.admin_listen = "127.0.0.1:0".into());
     let admin = s.admin.expect("admin address");
     assert_eq!(s.get("/metrics").status, 404, "not on the public address");
-    assert_eq!(s.get("/api/rooms/7/presence").status, 404);
     assert_eq!(s.get("/health").status, 200);
     let get = |path: &str| http(admin, &format!("GET {path} HTTP/1.1\r\n\r\n"));
     assert_eq!(get("/metrics").status, 200);
@@ -153,4 +169,81 @@ fn the_token_command_mints_what_the_server_accepts() {
         .expect("run");
     assert_eq!(bad.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_session_ends_when_its_token_expires() {
+    let s = with_auth();
+    let t = token(42, &["7"], unix_now() + 2);
+    let mut c = try_ws(s.addr, &format!("/chat/7?token={t}"), None).expect("upgrade");
+    c.send(&msg(42, "7", "before expiry"));
+    assert_eq!(c.recv()["type"], "ack");
+    let close = c.expect_close().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(
+        s.metric("chatflow_disconnects_total{reason=\"token_expired\"}"),
+        1
+    );
+}
+
+#[test]
+fn room_routes_follow_the_room_token() {
+    let s = with_auth();
+    let t = token(42, &["7"], unix_now() + 60);
+    assert_eq!(s.get("/api/rooms/7/presence").status, 401);
+    assert_eq!(
+        s.get(&format!("/api/rooms/8/presence?token={t}")).status,
+        401
+    );
+    assert_eq!(
+        s.get(&format!("/api/rooms/7/presence?token={t}")).status,
+        200
+    );
+    assert_eq!(s.get("/api/rooms/7/messages").status, 401);
+    assert_eq!(
+        s.get(&format!("/api/rooms/7/messages?token={t}")).status,
+        503,
+        "no store yet"
+    );
+}
+
+#[test]
+fn origins_match_as_browsers_send_them() {
+    let s = TestServer::start(|c| c.allowed_origins = vec!["HTTPS://Chat.Example.com:443".into()]);
+    assert!(try_ws(s.addr, "/chat/7", Some("https://chat.example.com")).is_ok());
+    assert_eq!(try_ws(s.addr, "/chat/7", Some("null")).err(), Some(403));
+    assert_eq!(
+        try_ws(s.addr, "/chat/7", Some("https://chat.example.com:8443")).err(),
+        Some(403)
+    );
+}
+
+#[test]
+fn with_an_admin_address_each_route_has_one_home() {
+    let s = TestServer::start(|c| c.admin_listen = "127.0.0.1:0".into());
+    let admin = s.admin.expect("admin address");
+    let on_admin = |path: &str| http(admin, &format!("GET {path} HTTP/1.1\r\n\r\n")).status;
+    // Operator routes only on the admin address.
+    for path in [
+        "/metrics",
+        "/dashboard",
+        "/api/analytics",
+        "/api/users/5/rooms",
+    ] {
+        assert_eq!(s.get(path).status, 404, "{path} on the public address");
+    }
+    assert_eq!(on_admin("/dashboard"), 200);
+    // The chat page and its room routes only on the public address.
+    assert_eq!(s.get("/").status, 200);
+    assert_eq!(on_admin("/"), 404);
+    assert_eq!(
+        s.get("/api/rooms/7/presence").status,
+        200,
+        "the chat page needs it"
+    );
+    assert_eq!(
+        s.get("/api/rooms/7/messages").status,
+        503,
+        "public, and waits for a store"
+    );
 }

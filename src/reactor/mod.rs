@@ -28,7 +28,7 @@ pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
 use crate::auth;
 use crate::bus::{Batch, Bus, Fanout, Inbox, PublishError, Publisher};
 use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
-use crate::config::Config;
+use crate::config::{Config, normalize_origin};
 use crate::http::{self, Route, Status};
 use crate::metrics::{Disconnect, NodeGauges, ReactorStats, SharedStats};
 use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
@@ -50,6 +50,8 @@ const DRAIN_READ_BUDGET: usize = 1024;
 const CLOSING_LINGER: Duration = Duration::from_secs(2);
 /// Pause before accepting again after the process ran out of file descriptors.
 const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
+/// Most connections open on the admin listener at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// The browser chat client, served at `/` (embedded: no build step, no CDN).
 const CHAT_PAGE: &str = include_str!("../../web/chat.html");
 /// The live node dashboard, served at `/dashboard`.
@@ -139,6 +141,8 @@ struct Session {
     paused: bool,
     /// The user the access token was issued to; every message must carry this `userId`.
     user: Option<u32>,
+    /// When the access token expires (Unix seconds); the session is closed then.
+    expires: Option<u64>,
 }
 
 struct Conn {
@@ -192,6 +196,8 @@ pub struct Reactor {
     next_tick: Instant,
     drain_deadline: Option<Instant>,
     websockets: u64,
+    /// Open connections accepted on the admin listener.
+    admin_conns: usize,
 }
 
 impl Reactor {
@@ -245,6 +251,7 @@ impl Reactor {
             next_tick: now + TICK,
             drain_deadline: None,
             websockets: 0,
+            admin_conns: 0,
         })
     }
 
@@ -364,9 +371,13 @@ impl Reactor {
     }
 
     /// Accepts on the admin listener until it would block. A failure (out of descriptors)
-    /// is retried at the next tick, since no new readiness edge may come.
+    /// is retried at the next tick, since no new readiness edge may come. At most
+    /// `ADMIN_MAX_CONNECTIONS` are open at once; more wait in the backlog until the next tick.
     fn accept_admin(&mut self) {
         loop {
+            if self.admin_conns >= ADMIN_MAX_CONNECTIONS {
+                return;
+            }
             let Some(listener) = &self.admin_listener else {
                 return;
             };
@@ -377,8 +388,9 @@ impl Reactor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
+                Err(e) => {
                     self.stats.accept_errors.inc();
+                    log::debug!("reactor {}: admin accept failed: {e}", self.id);
                     return;
                 }
             }
@@ -386,6 +398,9 @@ impl Reactor {
     }
 
     fn admit(&mut self, mut sock: TcpStream, admin: bool) {
+        if admin {
+            self.admin_conns += 1;
+        }
         let config = &self.shared.config;
         let sref = socket2::SockRef::from(&sock);
         if config.tcp_keepalive_secs > 0 {
@@ -540,25 +555,39 @@ impl Reactor {
         let json = |status: Status, body: String| (status, "application/json", body);
         let on_admin = self.conns.get(t).is_some_and(|c| c.admin);
         let split = self.shared.config.admin_addr().is_some();
-        let route = match parsed.route {
-            // The admin address serves no chat; with a split, the public one serves no admin.
-            Route::Upgrade { .. } if on_admin => Route::Error(
+        // Where each route may be served: the admin address serves no chat; with a split the
+        // public one serves no operator routes; room-scoped routes (presence, a room's
+        // history) stay public for the chat page and follow the room's token instead.
+        let denial = match &parsed.route {
+            Route::Upgrade { .. } if on_admin => Some((
                 Status::NotFound,
-                "no WebSockets on the admin address".into(),
-            ),
-            Route::ChatPage if on_admin => Route::Error(
+                "no WebSockets on the admin address".to_string(),
+            )),
+            Route::ChatPage if on_admin => Some((
                 Status::NotFound,
-                "the chat page is on the public address".into(),
-            ),
-            Route::Metrics | Route::Dashboard | Route::Presence(_) | Route::NeedsStore
+                "the chat page is on the public address".to_string(),
+            )),
+            Route::Metrics | Route::Dashboard | Route::NeedsStore { room: None, .. }
                 if split && !on_admin =>
             {
-                Route::Error(
+                Some((
                     Status::NotFound,
-                    "this route is served on the admin address".into(),
-                )
+                    "this route is served on the admin address".to_string(),
+                ))
             }
-            route => route,
+            Route::Presence { room, token }
+            | Route::NeedsStore {
+                room: Some(room),
+                token,
+            } if !on_admin => self
+                .room_access(room, token.as_deref())
+                .err()
+                .map(|m| (Status::Unauthorized, m)),
+            _ => None,
+        };
+        let route = match denial {
+            Some((status, message)) => Route::Error(status, message),
+            None => parsed.route,
         };
         let (status, content_type, body) = match route {
             Route::Upgrade { room, accept, token, origin } => {
@@ -604,7 +633,7 @@ impl Reactor {
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.shared.render_metrics(),
             ),
-            Route::Presence(room) => {
+            Route::Presence { room, .. } => {
                 let (count, users) = self.shared.presence.users(&room, PRESENCE_LIST_MAX);
                 let users: Vec<_> = users
                     .into_iter()
@@ -622,7 +651,7 @@ impl Reactor {
                     .to_string(),
                 )
             }
-            Route::NeedsStore => json(
+            Route::NeedsStore { .. } => json(
                 Status::Unavailable,
                 r#"{"error":"message history and analytics need a store; this server has none configured"}"#.into(),
             ),
@@ -647,26 +676,42 @@ impl Reactor {
         }
     }
 
-    /// Checks the origin and the access token of an upgrade; returns the token's user.
+    /// With tokens configured, a room-scoped HTTP route needs a token that opens the room.
+    fn room_access(&self, room: &str, token: Option<&str>) -> Result<(), String> {
+        let Some(key) = &self.shared.auth_key else {
+            return Ok(());
+        };
+        let token = token.ok_or(auth::TokenError::Missing);
+        token
+            .and_then(|t| auth::verify(key, t, room, auth::unix_now()))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks the origin and the access token of an upgrade; returns the token's user and
+    /// its expiry.
     fn admission(
         &self,
         room: &str,
         token: Option<&str>,
         origin: Option<&str>,
-    ) -> Result<Option<u32>, (Status, String)> {
+    ) -> Result<Option<(u32, u64)>, (Status, String)> {
         let allowed = &self.shared.config.allowed_origins;
         if let Some(origin) = origin
             && !allowed.is_empty()
-            && !allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
         {
-            return Err((Status::Forbidden, format!("origin {origin} is not allowed")));
+            let theirs = normalize_origin(origin);
+            let listed = theirs.is_some() && allowed.iter().any(|a| normalize_origin(a) == theirs);
+            if !listed {
+                return Err((Status::Forbidden, format!("origin {origin} is not allowed")));
+            }
         }
         let Some(key) = &self.shared.auth_key else {
             return Ok(None);
         };
         let token = token.ok_or(auth::TokenError::Missing);
         match token.and_then(|t| auth::verify(key, t, room, auth::unix_now())) {
-            Ok(claims) => Ok(Some(claims.sub)),
+            Ok(claims) => Ok(Some((claims.sub, claims.exp))),
             Err(e) => Err((Status::Unauthorized, e.to_string())),
         }
     }
@@ -677,7 +722,7 @@ impl Reactor {
         room: &str,
         accept: &str,
         leftover: Vec<u8>,
-        user: Option<u32>,
+        token: Option<(u32, u64)>,
     ) {
         let config = &self.shared.config;
         let rate = (config.rate_limit_per_sec > 0).then(|| {
@@ -698,7 +743,8 @@ impl Reactor {
             rate,
             joins: ConnJoins::default(),
             paused: false,
-            user,
+            user: token.map(|(user, _)| user),
+            expires: token.map(|(_, exp)| exp),
         };
         conn.phase = Phase::Open(Box::new(session));
         conn.since = self.now;
@@ -1159,6 +1205,9 @@ impl Reactor {
             return;
         }
         let mut conn = self.conns.remove(t);
+        if conn.admin {
+            self.admin_conns -= 1;
+        }
         if let Phase::Open(session) = &conn.phase {
             self.end_session(t, session);
         }
@@ -1189,6 +1238,7 @@ impl Reactor {
         let ping_interval = config.ping_interval();
         let soft_window = config.output_soft_limit_window();
         let now = self.now;
+        let unix_now = auth::unix_now();
         let mut queued = 0;
         let mut expired: Vec<(usize, Option<Disconnect>)> = Vec::new();
         let mut pings = Vec::new();
@@ -1198,8 +1248,10 @@ impl Reactor {
                 Phase::Request { .. } if now - conn.since >= handshake_timeout => {
                     expired.push((t, Some(Disconnect::HandshakeTimeout)));
                 }
-                Phase::Open(_) => {
-                    if conn.over_soft_since.is_some_and(|s| now - s >= soft_window) {
+                Phase::Open(session) => {
+                    if session.expires.is_some_and(|exp| exp <= unix_now) {
+                        expired.push((t, Some(Disconnect::TokenExpired)));
+                    } else if conn.over_soft_since.is_some_and(|s| now - s >= soft_window) {
                         expired.push((t, Some(Disconnect::SlowConsumer)));
                     } else if now - conn.last_in >= idle_timeout {
                         expired.push((t, Some(Disconnect::IdleTimeout)));
@@ -1230,6 +1282,14 @@ impl Reactor {
         }
         for (t, why) in expired {
             match why {
+                Some(Disconnect::TokenExpired) => {
+                    self.close_ws(
+                        t,
+                        CloseCode::Policy,
+                        "access token expired",
+                        Disconnect::TokenExpired,
+                    );
+                }
                 Some(Disconnect::IdleTimeout) => {
                     self.close_ws(
                         t,
@@ -1287,21 +1347,32 @@ fn client_message_id_of(text: &str) -> Option<String> {
         .filter(|k| protocol::is_valid_id(k))
 }
 
-/// Pins the calling thread to core `id` modulo the cores available; logs when it cannot.
+/// Pins the calling thread to one of the CPUs this process may use: the `id`-th allowed CPU,
+/// wrapping around, so an operator's `taskset` or `CPUAffinity=` mask is respected.
 fn pin_to_core(id: usize) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let core = id % cores;
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it (core < CPU_SETSIZE
-    // because available_parallelism is far below 1024), and sched_setaffinity reads it.
+    // SAFETY: cpu_set_t is plain data that sched_getaffinity fills and sched_setaffinity reads;
+    // CPU_ISSET/CPU_SET index below CPU_SETSIZE (they check the bound themselves).
     let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            -1
+        } else {
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &allowed))
+                .collect();
+            match cpus.get(id % cpus.len().max(1)) {
+                Some(&cpu) => {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                }
+                None => -1,
+            }
+        }
     };
     if rc != 0 {
         log::warn!(
-            "reactor {id}: cannot pin to core {core}: {}",
+            "reactor {id}: cannot pin to a core: {}",
             io::Error::last_os_error()
         );
     }

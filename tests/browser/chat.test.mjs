@@ -72,9 +72,6 @@ async function joinRoom(addr, name, userId, room) {
   return page;
 }
 
-const presenceNames = () =>
-  [...document.querySelectorAll("#presence li")].map((li) => li.textContent).sort().join(",");
-
 test("two people in a room see each other's messages and presence", { timeout: 60000 }, async () => {
   const alice = await joinRoom(server.addr, "alice", 101, "e2e");
   const bob = await joinRoom(server.addr, "bob", 102, "e2e");
@@ -163,4 +160,19 @@ test("a dropped connection is retried with backoff and said on screen", { timeou
     await page.close();
     await stopServer(again);
   }
+});
+
+test("leaving and joining again at once leaves one clean connection", { timeout: 60000 }, async () => {
+  const page = await joinRoom(server.addr, "frank", 106, "e2e-rejoin");
+  await page.click("#leave");
+  await page.click("#join");
+  await page.waitForSelector("#status.connected", WAIT);
+  await page.fill("#text", "after rejoin");
+  await page.press("#text", "Enter");
+  await page.waitForSelector("#log .msg.mine:not(.pending):has-text('after rejoin')", WAIT);
+  await page.waitForTimeout(500);
+  assert.doesNotMatch(await page.textContent("#log"), /Connection lost/);
+  const r = await fetch(`http://${server.addr}/api/rooms/e2e-rejoin/presence`);
+  assert.equal((await r.json()).count, 1, "one user, one connection");
+  await page.close();
 });
