@@ -12,6 +12,7 @@ pub mod bus;
 pub mod chat;
 pub mod config;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

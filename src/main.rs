@@ -28,6 +28,8 @@ enum Command {
     },
     /// Mint an access token for ws://HOST/chat/{roomId}?token=... (needs the server's secret).
     Token(TokenArgs),
+    /// Load-test a server speaking the ChatFlow protocol and report msg/s and latency.
+    Load(chatflow::load::LoadArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Token(args) => token(args),
+        Command::Load(args) => chatflow::load::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,553 @@
+//! `chatflow load` against a real server: exact accounting, retries and reconnects through a
+//! proxy that cuts connections, the report files, the open-loop schedule, fan-out.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use chatflow::load::{LoadArgs, execute};
+use serde_json::Value;
+use util::TestServer;
+
+/// Runs the load tester in this process with `chatflow load` flags; returns the JSON summary.
+fn load(addr: SocketAddr, flags: &[&str]) -> Value {
+    let url = format!("ws://{addr}");
+    let mut argv = vec!["load", "--url", &url, "--no-progress"];
+    argv.extend_from_slice(flags);
+    let args = LoadArgs::from_args(argv).expect("valid flags");
+    execute(&args).expect("the run completes").summary().clone()
+}
+
+fn n(v: &Value, path: &str) -> u64 {
+    v.pointer(path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{path} missing in {v:#}"))
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    v.pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{path} missing in {v:#}"))
+}
+
+fn assert_exact(v: &Value) {
+    assert_eq!(
+        n(v, "/sent"),
+        n(v, "/acked") + n(v, "/failed"),
+        "sent != acked + failed: {v:#}"
+    );
+    for phase in ["warmup", "main"] {
+        if let Some(p) = v.pointer(&format!("/phases/{phase}")) {
+            assert_eq!(n(p, "/sent"), n(p, "/acked") + n(p, "/failed"), "{phase}");
+        }
+    }
+}
+
+/// A fresh empty folder under the system's temp dir.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chatflow-load-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn a_small_run_accounts_for_every_message_warmup_and_main_apart() {
+    let s = TestServer::start(|_| {});
+    let v = load(
+        s.addr,
+        &[
+            "--messages",
+            "2400",
+            "--warmup-conns",
+            "4",
+            "--warmup-messages",
+            "100",
+            "--conns",
+            "8",
+            "--rooms",
+            "4",
+            "--inflight",
+            "4",
+            "--rtt-probe",
+            "20",
+        ],
+    );
+    assert_exact(&v);
+    assert_eq!(n(&v, "/sent"), 2400);
+    assert_eq!(n(&v, "/acked"), 2400);
+    assert_eq!(n(&v, "/failed"), 0);
+    assert_eq!(n(&v, "/phases/warmup/sent"), 400);
+    assert_eq!(n(&v, "/phases/main/sent"), 2000);
+    assert_eq!(n(&v, "/phases/probe/acked"), 20);
+    assert_eq!(n(&v, "/connections"), 12);
+    assert_eq!(n(&v, "/reconnections"), 0);
+    let types = ["TEXT", "JOIN", "LEAVE"]
+        .iter()
+        .map(|t| n(&v, &format!("/message_types/{t}")))
+        .sum::<u64>();
+    assert_eq!(types, 2400);
+    assert!(n(&v, "/message_types/TEXT") > n(&v, "/message_types/JOIN"));
+    let rooms = v["per_room_msgs_per_s"].as_object().expect("per-room map");
+    assert_eq!(rooms.len(), 4);
+    assert!(f(&v, "/p50_ms") > 0.0 && f(&v, "/p99_ms") >= f(&v, "/p50_ms"));
+    assert!(f(&v, "/littles_law/predicted_msgs_per_s") > 0.0);
+    assert_eq!(n(&v, "/littles_law/concurrency"), 32);
+    assert!(f(&v, "/client/load_thread_cpu_s") > 0.0);
+    // The test server has no store: /api/metrics answers 503, reported, not fatal.
+    assert_eq!(v["server_metrics"]["available"], false);
+    assert_eq!(n(&v, "/server_metrics/status"), 503);
+}
+
+#[test]
+fn the_command_prints_the_report_and_json_as_its_last_line() {
+    let s = TestServer::start(|_| {});
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatflow"))
+        .args([
+            "load",
+            "--url",
+            &format!("ws://{}", s.addr),
+            "--messages",
+            "1000",
+            "--warmup-conns",
+            "0",
+            "--conns",
+            "4",
+            "--rooms",
+            "2",
+            "--rtt-probe",
+            "10",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Part 1: throughput"), "{stdout}");
+    assert!(stdout.contains("Little's Law"), "{stdout}");
+    assert!(
+        stdout.contains("not available: HTTP 503"),
+        "the missing metrics API is reported: {stdout}"
+    );
+    let last = stdout.lines().last().expect("output");
+    let v: Value = serde_json::from_str(last).expect("the last line is JSON");
+    for field in [
+        "sent",
+        "acked",
+        "failed",
+        "wall_s",
+        "msgs_per_s",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "max_ms",
+        "connections",
+        "reconnections",
+    ] {
+        assert!(v.get(field).is_some_and(|x| !x.is_null()), "{field}: {v:#}");
+    }
+    assert_eq!(n(&v, "/acked"), 1000);
+    assert_exact(&v);
+}
+
+/// A TCP proxy in front of the server that cuts every connection once `budget` bytes have gone
+/// from the server to the client.
+struct CuttingProxy {
+    addr: SocketAddr,
+    cuts: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CuttingProxy {
+    fn start(server: SocketAddr, budget: u64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let cuts = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, st) = (cuts.clone(), stop.clone());
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).expect("blocking");
+                        let Ok(upstream) = TcpStream::connect(server) else {
+                            continue;
+                        };
+                        Self::pipe(client, upstream, budget, c.clone());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        CuttingProxy { addr, cuts, stop }
+    }
+
+    fn pipe(client: TcpStream, upstream: TcpStream, budget: u64, cuts: Arc<AtomicU64>) {
+        let (mut c_read, mut u_write) = (
+            client.try_clone().expect("clone"),
+            upstream.try_clone().expect("clone"),
+        );
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(k) = c_read.read(&mut buf) {
+                if k == 0 || u_write.write_all(&buf[..k]).is_err() {
+                    break;
+                }
+            }
+            let _ = u_write.shutdown(Shutdown::Both);
+        });
+        let (mut u_read, mut c_write) = (upstream, client);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut passed = 0u64;
+            loop {
+                let want = (budget - passed).min(buf.len() as u64) as usize;
+                match u_read.read(&mut buf[..want]) {
+                    Ok(k) if k > 0 && c_write.write_all(&buf[..k]).is_ok() => {
+                        passed += k as u64;
+                        if passed >= budget {
+                            cuts.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let _ = c_write.shutdown(Shutdown::Both);
+            let _ = u_read.shutdown(Shutdown::Both);
+        });
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn cut_connections_are_reconnected_and_their_messages_retried() {
+    let s = TestServer::start(|_| {});
+    let proxy = CuttingProxy::start(s.addr, 12 * 1024);
+    let v = load(
+        proxy.addr,
+        &[
+            "--messages",
+            "2000",
+            "--warmup-conns",
+            "0",
+            "--conns",
+            "8",
+            "--rooms",
+            "4",
+            "--inflight",
+            "4",
+            "--rtt-probe",
+            "0",
+            "--retry-backoff-ms",
+            "5",
+            "--no-server-metrics",
+        ],
+    );
+    assert_exact(&v);
+    assert_eq!(n(&v, "/sent"), 2000);
+    assert!(proxy.cuts.load(Ordering::Relaxed) > 0);
+    assert!(n(&v, "/reconnections") > 0, "{v:#}");
+    assert!(n(&v, "/retries") > 0, "{v:#}");
+    assert!(n(&v, "/disconnects") > 0, "{v:#}");
+    // Resends keep their clientMessageId, and each cut loses at most a window: nearly every
+    // message gets through.
+    assert!(n(&v, "/acked") >= 1900, "{v:#}");
+}
+
+#[test]
+fn retryable_errors_are_retried_with_backoff() {
+    let s = TestServer::start(|c| {
+        c.rate_limit_per_sec = 400;
+        c.rate_limit_burst = 20;
+    });
+    let v = load(
+        s.addr,
+        &[
+            "--messages",
+            "600",
+            "--warmup-conns",
+            "0",
+            "--conns",
+            "2",
+            "--rooms",
+            "2",
+            "--inflight",
+            "16",
+            "--rtt-probe",
+            "0",
+            "--retry-backoff-ms",
+            "20",
+            "--no-server-metrics",
+        ],
+    );
+    assert_exact(&v);
+    assert!(n(&v, "/error_frames/RATE_LIMITED") > 0, "{v:#}");
+    assert!(n(&v, "/retries") > 0, "{v:#}");
+    assert_eq!(n(&v, "/reconnections"), 0);
+}
+
+#[test]
+fn every_output_file_is_written_and_well_formed() {
+    let s = TestServer::start(|_| {});
+    let dir = temp_dir("files");
+    let out = dir.to_string_lossy().into_owned();
+    let v = load(
+        s.addr,
+        &[
+            "--messages",
+            "1500",
+            "--warmup-conns",
+            "2",
+            "--warmup-messages",
+            "250",
+            "--conns",
+            "4",
+            "--rooms",
+            "2",
+            "--rtt-probe",
+            "20",
+            "--bucket-secs",
+            "1",
+            "--out",
+            &out,
+        ],
+    );
+    assert_exact(&v);
+
+    let csv = std::fs::read_to_string(dir.join("messages.csv")).expect("messages.csv");
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("timestamp,messageType,latencyMs,statusCode,roomId")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len() as u64, n(&v, "/sent"), "one row per message");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    for row in &rows {
+        let cols: Vec<&str> = row.split(',').collect();
+        assert_eq!(cols.len(), 5, "{row}");
+        let ts: u64 = cols[0].parse().expect("timestamp");
+        assert!(ts <= now_ms && ts + 600_000 > now_ms, "{row}");
+        assert!(["TEXT", "JOIN", "LEAVE"].contains(&cols[1]), "{row}");
+        let latency: f64 = cols[2].parse().expect("latency");
+        assert!(latency >= 0.0, "{row}");
+        assert_eq!(cols[3], "OK", "{row}");
+        assert!(["1", "2"].contains(&cols[4]), "{row}");
+    }
+
+    let tp = std::fs::read_to_string(dir.join("throughput.csv")).expect("throughput.csv");
+    let mut tl = tp.lines();
+    assert_eq!(
+        tl.next(),
+        Some("phase,start_s,end_s,acked,failed,msgs_per_s,p50_ms,p99_ms")
+    );
+    let mut acked = 0;
+    for row in tl {
+        let cols: Vec<&str> = row.split(',').collect();
+        assert_eq!(cols.len(), 8, "{row}");
+        assert!(["warmup", "main"].contains(&cols[0]), "{row}");
+        acked += cols[3].parse::<u64>().expect("acked");
+        cols[5].parse::<f64>().expect("msg/s");
+    }
+    assert_eq!(acked, n(&v, "/acked"));
+
+    for name in [
+        "latency-main.hgrm",
+        "latency-warmup.hgrm",
+        "latency-probe.hgrm",
+    ] {
+        let h = std::fs::read_to_string(dir.join(name)).expect(name);
+        assert!(
+            h.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)\n\n"),
+            "{name}"
+        );
+        assert!(h.contains("#[Mean    ="), "{name}");
+        assert!(h.contains("#[Buckets ="), "{name}");
+        let data: Vec<&str> = h
+            .lines()
+            .skip(2)
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert!(!data.is_empty(), "{name}");
+        for l in data {
+            let cols: Vec<f64> = l
+                .split_whitespace()
+                .map(|c| c.parse().expect("number"))
+                .collect();
+            assert!(cols.len() == 3 || cols.len() == 4, "{name}: {l}");
+        }
+    }
+
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary.json is JSON");
+    assert_eq!(summary, v);
+    assert!(
+        std::fs::read_to_string(dir.join("report.txt"))
+            .expect("report.txt")
+            .contains("Part 1: throughput")
+    );
+
+    for name in ["throughput.svg", "latency.svg"] {
+        let text = std::fs::read_to_string(dir.join(name)).expect(name);
+        let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg", "{name}");
+        let lines = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("polyline") || n.has_tag_name("path"))
+            .count();
+        assert!(lines > 0, "{name} draws no series");
+    }
+    let listed: Vec<&str> = v["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for name in listed {
+        assert!(dir.join(name).is_file(), "{name} is listed but missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn open_loop_holds_its_schedule() {
+    let s = TestServer::start(|_| {});
+    let v = load(
+        s.addr,
+        &[
+            "--rate",
+            "2000",
+            "--duration",
+            "3",
+            "--warmup-conns",
+            "0",
+            "--conns",
+            "4",
+            "--rooms",
+            "4",
+            "--rtt-probe",
+            "0",
+            "--no-server-metrics",
+        ],
+    );
+    assert_exact(&v);
+    let sent = n(&v, "/sent");
+    assert!(
+        (5700..=6300).contains(&sent),
+        "6000 +-5% expected, sent {sent}"
+    );
+    let achieved = f(&v, "/rate/achieved_msgs_per_s");
+    assert!(
+        (1900.0..=2100.0).contains(&achieved),
+        "2000 msg/s +-5% expected, got {achieved}"
+    );
+    assert_eq!(v["mode"], "open_loop");
+}
+
+#[test]
+fn fan_out_counts_a_delivery_at_every_other_member() {
+    let s = TestServer::start(|_| {});
+    let v = load(
+        s.addr,
+        &[
+            "--fanout",
+            "20",
+            "--senders",
+            "2",
+            "--messages",
+            "400",
+            "--warmup-conns",
+            "0",
+            "--inflight",
+            "2",
+            "--rtt-probe",
+            "0",
+            "--no-server-metrics",
+        ],
+    );
+    assert_exact(&v);
+    assert_eq!(n(&v, "/acked"), 400);
+    assert_eq!(v["mode"], "fanout");
+    // Every message reaches the 19 other members (the sender gets the ack instead).
+    assert_eq!(n(&v, "/fanout/deliveries"), 400 * 19, "{v:#}");
+    assert!(n(&v, "/fanout/delivery_latency/count") > 0);
+    assert!(f(&v, "/fanout/deliveries_per_s") > 0.0);
+}
+
+#[test]
+fn connections_can_come_from_several_local_addresses() {
+    let s = TestServer::start(|_| {});
+    let v = load(
+        s.addr,
+        &[
+            "--messages",
+            "400",
+            "--warmup-conns",
+            "0",
+            "--conns",
+            "4",
+            "--rooms",
+            "2",
+            "--rtt-probe",
+            "0",
+            "--source-ips",
+            "127.0.0.2,127.0.0.3",
+            "--no-server-metrics",
+        ],
+    );
+    assert_exact(&v);
+    assert_eq!(n(&v, "/acked"), 400);
+}
+
+#[test]
+fn a_server_that_is_not_there_is_a_clear_error() {
+    // A port nobody listens on: bind, note it, close.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let url = format!("ws://{addr}");
+    let args = LoadArgs::from_args([
+        "load",
+        "--url",
+        &url,
+        "--no-progress",
+        "--connect-attempts",
+        "2",
+        "--messages",
+        "100",
+        "--warmup-conns",
+        "0",
+        "--conns",
+        "1",
+        "--rooms",
+        "1",
+    ])
+    .expect("flags");
+    let err = match execute(&args) {
+        Ok(_) => panic!("a run against nothing must fail"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("could not connect"), "{err}");
+    assert!(err.contains("refused"), "{err}");
+}
