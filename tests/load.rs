@@ -1,5 +1,5 @@
 //! `chatflow load` against a real server: exact accounting, retries and reconnects through a
-//! proxy that cuts connections, the report files, the open-loop schedule, fan-out.
+//! proxy that cuts connections, the report files, the open-loop schedule, fan-out, idle mode.
 
 mod util;
 
@@ -518,6 +518,72 @@ fn connections_can_come_from_several_local_addresses() {
     );
     assert_exact(&v);
     assert_eq!(n(&v, "/acked"), 400);
+}
+
+#[test]
+fn idle_mode_holds_its_connections_open_then_closes_them() {
+    let s = TestServer::start(|_| {});
+    let health = || n(&s.get("/health").json(), "/connections");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatflow"))
+        .args([
+            "load",
+            "--url",
+            &format!("ws://{}", s.addr),
+            "--conns",
+            "50",
+            "--idle-hold",
+            "3",
+            "--json",
+            "--no-server-metrics",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("a first line");
+    assert_eq!(
+        first.trim_end(),
+        "IDLE_READY 50",
+        "the readiness line comes first"
+    );
+
+    // While held, the server counts every one of them (it may register the last upgrade a
+    // moment after the client saw its 101).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while health() < 50 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(health(), 50);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(health(), 50, "idle connections stay open during the hold");
+
+    let mut rest = String::new();
+    stdout
+        .read_to_string(&mut rest)
+        .expect("the rest of stdout");
+    let status = child.wait().expect("exits");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "exit {status}: {stderr}");
+    let v: Value = serde_json::from_str(rest.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(v["mode"], "idle");
+    assert_eq!(n(&v, "/sent"), 0);
+    assert_eq!(n(&v, "/idle/open_at_start"), 50);
+    assert_eq!(n(&v, "/idle/open_at_end"), 50);
+    assert_eq!(n(&v, "/idle/disconnects"), 0);
+    assert!(f(&v, "/phases/main/wall_s") >= 3.0, "{v:#}");
+    assert!(v.pointer("/phases/probe").is_none() && v.pointer("/phases/warmup").is_none());
+
+    // And they are closed at the end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while health() > 0 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(health(), 0);
 }
 
 #[test]

@@ -50,6 +50,16 @@ pub struct LoadArgs {
     /// Messages per warmup connection (0 = no warmup).
     #[arg(long, default_value_t = 1000)]
     pub warmup_messages: u64,
+    /// Run the warmup for this many seconds instead of --warmup-messages per connection
+    /// (with --duration).
+    // f32 seconds (plenty for a warmup or a hold) keep these flags from growing the
+    // command-line enum that embeds this struct past clippy's variant-size limit.
+    #[arg(long, requires = "duration")]
+    pub warmup_duration: Option<f32>,
+    /// Idle mode: open --conns connections, print `IDLE_READY <open>` on stdout once they are
+    /// all upgraded, hold them this many seconds without sending, then close them.
+    #[arg(long, conflicts_with_all = ["duration", "rate", "fanout", "warmup_duration"])]
+    pub idle_hold: Option<f32>,
     /// Main-phase connections, spread evenly over the rooms.
     #[arg(long, default_value_t = 64)]
     pub conns: usize,
@@ -283,25 +293,36 @@ impl RunPlan {
                 "--rate must be a positive number of messages per second"
             );
         }
-        if let Some(d) = a.duration {
-            ensure!(
-                d.is_finite() && d > 0.0 && d < 1e7,
-                "--duration must be a positive number of seconds"
-            );
+        for (flag, v) in [
+            ("--duration", a.duration),
+            ("--warmup-duration", a.warmup_duration.map(f64::from)),
+            ("--idle-hold", a.idle_hold.map(f64::from)),
+        ] {
+            if let Some(d) = v {
+                ensure!(
+                    d.is_finite() && d > 0.0 && d < 1e7,
+                    "{flag} must be a positive number of seconds"
+                );
+            }
         }
+        let idle = a.idle_hold.map(Duration::from_secs_f32);
         let window = match (a.inflight, a.rate) {
             (Some(k), _) => k,
             (None, Some(_)) => 4096,
             (None, None) => 4,
         };
         ensure!(window >= 1, "--inflight must be at least 1");
-        let warmup_total = if a.warmup_conns > 0 {
-            a.warmup_conns as u64 * a.warmup_messages
-        } else {
-            0
+        // Idle runs send nothing: no probe, no warmup, and a main phase of no messages.
+        let warmup_on = idle.is_none()
+            && a.warmup_conns > 0
+            && (a.warmup_duration.is_some() || a.warmup_messages > 0);
+        let warmup_total = match (warmup_on, a.warmup_duration) {
+            (true, None) => a.warmup_conns as u64 * a.warmup_messages,
+            _ => 0,
         };
         let main_total = match a.duration {
             Some(_) => None,
+            None if idle.is_some() => Some(0),
             None => {
                 ensure!(
                     a.messages > warmup_total,
@@ -338,11 +359,13 @@ impl RunPlan {
                     a.conns,
                     rooms.len()
                 );
-                (a.conns, a.conns, rooms, false)
+                // Idle connections are all receivers.
+                let senders = if idle.is_some() { 0 } else { a.conns };
+                (a.conns, senders, rooms, false)
             }
         };
         let warm_rooms: Vec<String> = (1..=a.rooms).map(|r| r.to_string()).collect();
-        if warmup_total > 0 {
+        if warmup_on {
             ensure!(
                 a.warmup_conns >= warm_rooms.len(),
                 "--warmup-conns ({}) must be at least --rooms ({}): every room needs a connection",
@@ -376,7 +399,8 @@ impl RunPlan {
                     fanout: bool,
                     window: usize,
                     rate: Option<f64>,
-                    duration: Option<Duration>| {
+                    duration: Option<Duration>,
+                    idle_hold: Option<Duration>| {
             Arc::new(PhaseSpec {
                 name,
                 addr,
@@ -391,6 +415,7 @@ impl RunPlan {
                 window,
                 rate,
                 duration,
+                idle_hold,
                 threads: a.threads.min(conns).max(1),
                 retries: a.retries,
                 retry_backoff: Duration::from_millis(a.retry_backoff_ms),
@@ -410,16 +435,16 @@ impl RunPlan {
         };
 
         let mut phases = Vec::new();
-        if a.rtt_probe > 0 {
+        if a.rtt_probe > 0 && idle.is_none() {
             // The probe is sent to the main phase's first room, one message at a time.
             let room = main_rooms[0].clone();
             phases.push(PhasePlan {
-                spec: spec("probe", 1, 1, vec![room], fanout, 1, None, None),
+                spec: spec("probe", 1, 1, vec![room], fanout, 1, None, None, None),
                 mix: Mix::standard(1),
                 total: Some(a.rtt_probe),
             });
         }
-        if warmup_total > 0 {
+        if warmup_on {
             phases.push(PhasePlan {
                 spec: spec(
                     "warmup",
@@ -429,10 +454,11 @@ impl RunPlan {
                     false,
                     window.min(4096),
                     None,
+                    a.warmup_duration.map(Duration::from_secs_f32),
                     None,
                 ),
                 mix: Mix::standard(a.rooms),
-                total: Some(warmup_total),
+                total: a.warmup_duration.is_none().then_some(warmup_total),
             });
         }
         let main_rooms_len = main_rooms.len() as u32;
@@ -446,6 +472,7 @@ impl RunPlan {
                 window,
                 a.rate,
                 a.duration.map(Duration::from_secs_f64),
+                idle,
             ),
             mix: Mix::standard(main_rooms_len),
             total: main_total,
@@ -565,8 +592,13 @@ pub(crate) struct PhaseResult {
     /// Run-clock ns of the start signal.
     pub start_ns: u64,
     pub generator_cpu_s: f64,
+    /// CPU of this whole process (load threads, generator, coordinator) over the same span as
+    /// `server_cpu_s`: from the start signal until every load thread was done.
+    pub process_cpu_s: f64,
     pub server_cpu_s: Option<f64>,
     pub steal_s: Option<f64>,
+    /// Busy and steal seconds per CPU line of /proc/stat over that span ("cpu" = all CPUs).
+    pub cpu: Vec<sys::CpuTimes>,
     pub open_at_start: u64,
 }
 
@@ -652,27 +684,26 @@ fn run_phase(
     }
     // A short lead so every thread sees the start before it comes; they poll every 5 ms.
     let start_ns = clock.now_ns() + 10_000_000;
-    let server_cpu_before = server_pid.and_then(sys::proc_cpu_seconds);
-    let steal_before = sys::steal_seconds();
+    let before = Sample::take(server_pid);
     shared.start_ns.store(start_ns, Ordering::SeqCst);
-    ui.phase_running(spec.name, plan.total, open_at_start);
+    if spec.idle_hold.is_some() && open_at_start > 0 {
+        // The readiness line scripts wait for before they measure the server.
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "IDLE_READY {open_at_start}");
+        let _ = out.flush();
+    }
+    ui.phase_running(&spec, plan.total, open_at_start);
 
-    let mut server_cpu_after = None;
-    let mut steal_after = None;
-    let mut sampled = false;
+    let mut after = None;
     while !handles.iter().all(|h| h.is_finished()) {
         std::thread::sleep(Duration::from_millis(20));
         ui.tick_running(&shared.progress);
-        if !sampled && shared.done_sending.load(Ordering::SeqCst) >= threads {
-            sampled = true;
-            server_cpu_after = server_pid.and_then(sys::proc_cpu_seconds);
-            steal_after = sys::steal_seconds();
+        if after.is_none() && shared.done_sending.load(Ordering::SeqCst) >= threads {
+            after = Some(Sample::take(server_pid));
         }
     }
-    if !sampled {
-        server_cpu_after = server_pid.and_then(sys::proc_cpu_seconds);
-        steal_after = sys::steal_seconds();
-    }
+    let after = after.unwrap_or_else(|| Sample::take(server_pid));
     stop.store(true, Ordering::SeqCst);
     let mut stats = PhaseStats::new(spec.rooms.len());
     let mut first_error = None;
@@ -693,7 +724,7 @@ fn run_phase(
         clock.now_ns()
     };
     let wall_s = end_ns.saturating_sub(start_ns) as f64 / 1e9;
-    ui.phase_done(spec.name, &stats, wall_s);
+    ui.phase_done(&spec, &stats, wall_s);
     Ok(PhaseResult {
         name: spec.name,
         spec,
@@ -702,16 +733,40 @@ fn run_phase(
         wall_s,
         start_ns,
         generator_cpu_s,
-        server_cpu_s: match (server_cpu_before, server_cpu_after) {
+        process_cpu_s: after.process_cpu_s - before.process_cpu_s,
+        server_cpu_s: match (before.server_cpu_s, after.server_cpu_s) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
-        steal_s: match (steal_before, steal_after) {
+        steal_s: match (before.steal_s(), after.steal_s()) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },
+        cpu: sys::cpu_deltas(&before.cpu, &after.cpu),
         open_at_start,
     })
+}
+
+/// CPU readings at one edge of a phase's measured span.
+struct Sample {
+    process_cpu_s: f64,
+    server_cpu_s: Option<f64>,
+    cpu: Vec<sys::CpuTimes>,
+}
+
+impl Sample {
+    fn take(server_pid: Option<u32>) -> Sample {
+        Sample {
+            process_cpu_s: sys::process_cpu_seconds(),
+            server_cpu_s: server_pid.and_then(sys::proc_cpu_seconds),
+            cpu: sys::cpu_times(),
+        }
+    }
+
+    /// Steal over all CPUs, from the "cpu" line.
+    fn steal_s(&self) -> Option<f64> {
+        self.cpu.iter().find(|c| c.name == "cpu").map(|c| c.steal)
+    }
 }
 
 /// The live progress bar on stderr (hidden when stderr is not a terminal) and the one-line
@@ -768,16 +823,21 @@ impl Ui {
         }
     }
 
-    fn phase_running(&self, name: &str, total: Option<u64>, open: u64) {
-        self.note(&format!("[load] {name}: {open} connections open; sending"));
+    fn phase_running(&self, spec: &PhaseSpec, total: Option<u64>, open: u64) {
+        let name = spec.name;
+        let doing = match spec.idle_hold {
+            Some(hold) => format!("holding them {:.1} s", hold.as_secs_f64()),
+            None => "sending".into(),
+        };
+        self.note(&format!("[load] {name}: {open} connections open; {doing}"));
         self.last.set((Instant::now(), 0));
         self.rate.set(0.0);
         if let Some(bar) = &self.bar {
             bar.reset();
             bar.set_prefix(name.to_string());
             match total {
-                Some(t) => bar.set_length(t),
-                None => bar.unset_length(),
+                Some(t) if spec.idle_hold.is_none() => bar.set_length(t),
+                _ => bar.unset_length(),
             }
         }
     }
@@ -805,11 +865,19 @@ impl Ui {
         ));
     }
 
-    fn phase_done(&self, name: &str, s: &PhaseStats, wall_s: f64) {
-        self.note(&format!(
-            "[load] {name}: {} acked, {} failed in {wall_s:.2} s",
-            s.acked, s.failed
-        ));
+    fn phase_done(&self, spec: &PhaseSpec, s: &PhaseStats, wall_s: f64) {
+        let name = spec.name;
+        if spec.idle_hold.is_some() {
+            self.note(&format!(
+                "[load] {name}: {} connections open after {wall_s:.2} s; closing",
+                s.open_at_end
+            ));
+        } else {
+            self.note(&format!(
+                "[load] {name}: {} acked, {} failed in {wall_s:.2} s",
+                s.acked, s.failed
+            ));
+        }
     }
 
     fn finish(&self) {
@@ -882,5 +950,30 @@ mod tests {
         let a = LoadArgs::from_args(["load"]).expect("ok");
         let plan = RunPlan::new(&a).expect("valid");
         assert_eq!(plan.phases[2].total, Some(468_000));
+
+        // A timed warmup needs a timed main phase.
+        assert!(LoadArgs::from_args(["load", "--warmup-duration", "2"]).is_err());
+        assert!(bad(&["--duration", "5", "--warmup-duration", "0"]));
+        let a =
+            LoadArgs::from_args(["load", "--duration", "5", "--warmup-duration", "2"]).expect("ok");
+        let plan = RunPlan::new(&a).expect("valid");
+        let warmup = &plan.phases[1];
+        assert_eq!(warmup.spec.name, "warmup");
+        assert_eq!(warmup.total, None);
+        assert_eq!(warmup.spec.duration, Some(Duration::from_secs(2)));
+
+        // Idle: one phase of receivers only, no messages; no rate, fan-out or duration.
+        let a = LoadArgs::from_args(["load", "--conns", "50", "--idle-hold", "3"]).expect("ok");
+        let plan = RunPlan::new(&a).expect("valid");
+        let names: Vec<_> = plan.phases.iter().map(|p| p.spec.name).collect();
+        assert_eq!(names, ["main"]);
+        let main = &plan.phases[0];
+        assert_eq!((main.spec.conns, main.spec.senders), (50, 0));
+        assert_eq!(main.total, Some(0));
+        assert_eq!(main.spec.idle_hold, Some(Duration::from_secs(3)));
+        for extra in ["--rate", "--fanout", "--duration"] {
+            assert!(LoadArgs::from_args(["load", "--idle-hold", "3", extra, "100"]).is_err());
+        }
+        assert!(bad(&["--idle-hold", "0"]));
     }
 }

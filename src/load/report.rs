@@ -281,6 +281,7 @@ impl Report {
                 "threads": m.spec.threads,
                 "load_thread_cpu_s": r3(m.stats.thread_cpu_s),
                 "generator_cpu_s": r3(m.generator_cpu_s),
+                "main_process_cpu_s": r3(m.process_cpu_s),
                 "load_thread_busy": self.load_busy().map(r3),
                 "msgs_per_load_thread_cpu_s": (m.stats.thread_cpu_s > 0.0)
                     .then(|| r3(m.stats.acked as f64 / m.stats.thread_cpu_s)),
@@ -294,6 +295,8 @@ impl Report {
                 "pid": a.server_pid,
                 "cpu_s": r3(cpu),
                 "acks_per_server_cpu_s": (cpu > 0.0).then(|| r3(m.stats.acked as f64 / cpu)),
+                "deliveries_per_server_cpu_s":
+                    (cpu > 0.0).then(|| r3(m.stats.deliveries as f64 / cpu)),
             }))
         });
         let rate = main.and_then(|m| {
@@ -308,10 +311,31 @@ impl Report {
             Some(_) => self.file_names(),
             None => Vec::new(),
         };
+        let idle = main.and_then(|m| {
+            let hold = m.spec.idle_hold?;
+            Some(json!({
+                "hold_s": r3(hold.as_secs_f64()),
+                "open_at_start": m.open_at_start,
+                "open_at_end": m.stats.open_at_end,
+                "disconnects": m.stats.disconnects,
+                "reconnections": m.stats.reconnections,
+            }))
+        });
+        // Per CPU of the host ("cpu0", ...), over the main phase.
+        let per_cpu = |pick: fn(&super::sys::CpuTimes) -> f64| {
+            let mut m = serde_json::Map::new();
+            for c in main.map(|m| m.cpu.as_slice()).unwrap_or_default() {
+                if c.name != "cpu" {
+                    m.insert(c.name.clone(), json!(r3(pick(c))));
+                }
+            }
+            Value::Object(m)
+        };
         let head = json!({
             "url": self.inputs.base_url,
-            "mode": match (main.map(|m| m.spec.fanout), a.rate) {
-                (Some(true), _) => "fanout",
+            "mode": match (main.map(|m| (m.spec.fanout, m.spec.idle_hold.is_some())), a.rate) {
+                (Some((_, true)), _) => "idle",
+                (Some((true, _)), _) => "fanout",
                 (_, Some(_)) => "open_loop",
                 _ => "closed_loop",
             },
@@ -355,6 +379,10 @@ impl Report {
             "client": client,
             "server": server,
             "steal_s": main.and_then(|m| m.steal_s).map(r3),
+            "steal_flag": main.is_some_and(steal_flagged),
+            "busy_per_cpu_s": per_cpu(|c| c.busy),
+            "steal_per_cpu_s": per_cpu(|c| c.steal),
+            "idle": idle,
             "server_metrics": self.inputs.server_metrics.as_ref().map(ServerMetrics::json),
             "csv_rows": self.inputs.csv.as_ref().and_then(|r| r.as_ref().ok().copied()),
             "csv_rows_dropped": t.records_dropped,
@@ -368,11 +396,15 @@ impl Report {
     }
 
     fn make_text(&self) -> String {
-        let a = &self.inputs.args;
         let t = self.totals();
         let wall = self.wall_s();
         let mut o = String::new();
         let main = self.phase("main");
+        if let Some(m) = main
+            && m.spec.idle_hold.is_some()
+        {
+            return self.make_idle_text(m);
+        }
         let shape = match main {
             Some(m) if m.spec.fanout => format!(
                 "fan-out: {} members in room {}, {} sending, {} in flight each",
@@ -748,7 +780,7 @@ impl Report {
                 );
             }
             if let Some(st) = m.steal_s {
-                let flag = if m.wall_s > 0.0 && st / m.wall_s > 0.1 {
+                let flag = if steal_flagged(m) {
                     "  (over a tenth of a core: treat the figures with care)"
                 } else {
                     ""
@@ -758,7 +790,96 @@ impl Report {
             let _ = writeln!(o);
         }
 
-        if let Some(dir) = &a.out {
+        self.files_and_metrics_text(&mut o, &t);
+        o
+    }
+
+    /// The report of an idle run: connections, not messages.
+    fn make_idle_text(&self, m: &PhaseResult) -> String {
+        let t = self.totals();
+        let hold = m.spec.idle_hold.unwrap_or_default().as_secs_f64();
+        let mut o = String::new();
+        let row = |o: &mut String, k: &str, v: String| {
+            let _ = writeln!(o, "  {k:<22} {v}");
+        };
+        let _ = writeln!(o, "ChatFlow load test: {}", self.inputs.base_url);
+        let _ = writeln!(
+            o,
+            "  idle: {} connections over {} rooms, held {hold:.1} s, nothing sent",
+            m.spec.conns,
+            m.spec.rooms.len()
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(o, "Connections");
+        row(
+            &mut o,
+            "open at the start",
+            format!(
+                "{} of {} in {:.2} s ({} failed attempts)",
+                thousands(m.open_at_start),
+                thousands(m.spec.conns as u64),
+                m.connect_s,
+                thousands(m.stats.connect_failures)
+            ),
+        );
+        row(
+            &mut o,
+            "open at the end",
+            format!("{} after {:.2} s", thousands(m.stats.open_at_end), m.wall_s),
+        );
+        row(
+            &mut o,
+            "during the hold",
+            format!(
+                "{} disconnects, {} reconnections",
+                thousands(m.stats.disconnects),
+                thousands(m.stats.reconnections)
+            ),
+        );
+        if m.stats.deliveries + m.stats.other_frames > 0 {
+            row(
+                &mut o,
+                "frames received",
+                format!(
+                    "{} broadcasts, {} other",
+                    thousands(m.stats.deliveries),
+                    thousands(m.stats.other_frames)
+                ),
+            );
+        }
+        let _ = writeln!(o);
+        if !t.connect_errors.is_empty() {
+            let _ = writeln!(o, "Errors");
+            for (k, v) in &t.connect_errors {
+                let _ = writeln!(o, "  connect: {k}: {}", thousands(*v));
+            }
+            let _ = writeln!(o);
+        }
+        let _ = writeln!(o, "CPU during the hold");
+        row(
+            &mut o,
+            "this process",
+            format!("{:.2} CPU-s", m.process_cpu_s),
+        );
+        if let Some(cpu) = m.server_cpu_s {
+            row(&mut o, "server", format!("{cpu:.2} CPU-s"));
+        }
+        if let Some(st) = m.steal_s {
+            let flag = if steal_flagged(m) {
+                "  (over a tenth of a core)"
+            } else {
+                ""
+            };
+            row(&mut o, "steal", format!("{st:.2} s{flag}"));
+        }
+        let _ = writeln!(o);
+        self.files_and_metrics_text(&mut o, &t);
+        o
+    }
+
+    /// The closing sections of every report: the files written, and the server's metrics.
+    fn files_and_metrics_text(&self, o: &mut String, t: &PhaseStats) {
+        if let Some(dir) = &self.inputs.args.out {
             let _ = writeln!(o, "Files in {}", dir.display());
             for f in self.file_names() {
                 let _ = writeln!(o, "  {f}");
@@ -787,7 +908,6 @@ impl Report {
             let _ = writeln!(o, "Server metrics (GET /api/metrics)");
             let _ = writeln!(o, "{}", sm.text());
         }
-        o
     }
 
     fn file_names(&self) -> Vec<String> {
@@ -935,6 +1055,12 @@ impl Report {
 /// Load threads busier than this are taken as the limit of the run.
 const CLIENT_BOUND: f64 = 0.9;
 
+/// The hypervisor took over a tenth of a core during the phase: its figures need care.
+fn steal_flagged(p: &PhaseResult) -> bool {
+    p.steal_s
+        .is_some_and(|st| p.wall_s > 0.0 && st / p.wall_s > 0.1)
+}
+
 fn lat_row(l: &Latency) -> String {
     format!(
         "{:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
@@ -981,6 +1107,7 @@ fn phase_json(p: &PhaseResult) -> Value {
         "latency": Latency::json(Latency::of(&s.ack_latency)),
         "load_thread_cpu_s": r3(s.thread_cpu_s),
         "generator_cpu_s": r3(p.generator_cpu_s),
+        "process_cpu_s": r3(p.process_cpu_s),
         "server_cpu_s": p.server_cpu_s.map(r3),
         "unmatched_answers": s.unmatched_answers,
         "other_frames": s.other_frames,

@@ -178,6 +178,8 @@ pub(crate) struct PhaseStats {
     pub finished_ns: u64,
     /// CPU seconds this load thread used between the start signal and its end.
     pub thread_cpu_s: f64,
+    /// Connections open when this thread was done (idle mode: at the end of the hold).
+    pub open_at_end: u64,
     /// Per-message rows the CSV writer could not take in time (dropped, counted).
     pub records_dropped: u64,
 }
@@ -213,6 +215,7 @@ impl PhaseStats {
             last_send_ns: 0,
             finished_ns: 0,
             thread_cpu_s: 0.0,
+            open_at_end: 0,
             records_dropped: 0,
         }
     }
@@ -294,6 +297,7 @@ impl PhaseStats {
         self.last_send_ns = self.last_send_ns.max(o.last_send_ns);
         self.finished_ns = self.finished_ns.max(o.finished_ns);
         self.thread_cpu_s += o.thread_cpu_s;
+        self.open_at_end += o.open_at_end;
         self.records_dropped += o.records_dropped;
     }
 }

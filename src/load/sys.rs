@@ -69,13 +69,54 @@ pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks_per_sec())
 }
 
-/// Seconds of steal over all CPUs (from the `cpu` line of /proc/stat); None if unreadable.
-pub(crate) fn steal_seconds() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().find(|l| l.starts_with("cpu "))?;
-    // cpu user nice system idle iowait irq softirq steal ...
-    let steal: f64 = line.split_whitespace().nth(8)?.parse().ok()?;
-    Some(steal / clock_ticks_per_sec())
+/// One `cpu` line of /proc/stat (`cpu` is all CPUs together, then `cpu0`, `cpu1`...): seconds
+/// spent running anything (user + nice + system + irq + softirq) and seconds stolen by the
+/// hypervisor, since boot.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CpuTimes {
+    pub name: String,
+    pub busy: f64,
+    pub steal: f64,
+}
+
+/// Every `cpu` line of /proc/stat; empty if it is unreadable.
+pub(crate) fn cpu_times() -> Vec<CpuTimes> {
+    match std::fs::read_to_string("/proc/stat") {
+        Ok(text) => parse_cpu_times(&text, clock_ticks_per_sec()),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn parse_cpu_times(text: &str, hz: f64) -> Vec<CpuTimes> {
+    text.lines()
+        .filter(|l| l.starts_with("cpu"))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next()?.to_string();
+            // user nice system idle iowait irq softirq steal ...
+            let v: Vec<f64> = it.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+            (v.len() == 8).then(|| CpuTimes {
+                name,
+                busy: (v[0] + v[1] + v[2] + v[5] + v[6]) / hz,
+                steal: v[7] / hz,
+            })
+        })
+        .collect()
+}
+
+/// Busy and steal seconds per CPU line between two readings of [`cpu_times`].
+pub(crate) fn cpu_deltas(before: &[CpuTimes], after: &[CpuTimes]) -> Vec<CpuTimes> {
+    after
+        .iter()
+        .filter_map(|a| {
+            let b = before.iter().find(|b| b.name == a.name)?;
+            Some(CpuTimes {
+                name: a.name.clone(),
+                busy: (a.busy - b.busy).max(0.0),
+                steal: (a.steal - b.steal).max(0.0),
+            })
+        })
+        .collect()
 }
 
 /// Starts a non-blocking TCP connect, optionally from a given local address. The caller waits
@@ -192,5 +233,27 @@ mod tests {
         assert!(process_cpu_seconds() > 0.0);
         assert!(raise_nofile_limit().expect("getrlimit") > 0);
         assert!(proc_cpu_seconds(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn proc_stat_lines_become_busy_and_steal_seconds() {
+        let text = "cpu  100 5 50 1000 7 3 2 10 0 0\n\
+                    cpu0 60 5 30 500 3 2 1 6 0 0\n\
+                    cpu1 40 0 20 500 4 1 1 4 0 0\n\
+                    intr 12345\n";
+        let t = parse_cpu_times(text, 100.0);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0].name, "cpu");
+        assert!((t[0].busy - 1.6).abs() < 1e-9); // (100 + 5 + 50 + 3 + 2) / 100
+        assert!((t[0].steal - 0.1).abs() < 1e-9);
+        assert_eq!(t[1].name, "cpu0");
+        let mut later = t.clone();
+        later[1].busy += 2.5;
+        later[1].steal += 0.25;
+        let d = cpu_deltas(&t, &later);
+        assert_eq!(d.len(), 3);
+        assert!((d[1].busy - 2.5).abs() < 1e-9 && (d[1].steal - 0.25).abs() < 1e-9);
+        assert_eq!(d[2].busy, 0.0);
+        assert!(!cpu_times().is_empty());
     }
 }

@@ -77,6 +77,8 @@ pub(crate) struct PhaseSpec {
     pub window: usize,
     pub rate: Option<f64>,
     pub duration: Option<Duration>,
+    /// Idle mode: nothing is sent; the phase ends this long after its start signal.
+    pub idle_hold: Option<Duration>,
     pub threads: usize,
     pub retries: u32,
     pub retry_backoff: Duration,
@@ -327,6 +329,8 @@ pub(crate) struct Worker {
     stop_taking_ns: u64,
     /// Run-clock ns after which unanswered messages are failed (duration runs).
     give_up_ns: u64,
+    /// Idle mode: run-clock ns at which the hold ends (0 otherwise).
+    hold_until_ns: u64,
     interval_ns: Option<f64>,
     ws_config: WebSocketConfig,
     timer: sys::Timer,
@@ -423,6 +427,7 @@ impl Worker {
             start_ns: u64::MAX,
             stop_taking_ns: u64::MAX,
             give_up_ns: u64::MAX,
+            hold_until_ns: 0,
             interval_ns: spec.rate.map(|r| 1e9 / r),
             ws_config,
             timer,
@@ -524,9 +529,10 @@ impl Worker {
                 if now_ns >= self.give_up_ns {
                     self.give_up_all();
                 }
-                if self.input_done && self.unresolved == 0 {
+                if self.input_done && self.unresolved == 0 && now_ns >= self.hold_until_ns {
                     self.stats.finished_ns = self.now_ns();
                     self.stats.thread_cpu_s = sys::thread_cpu_seconds() - start_cpu;
+                    self.stats.open_at_end = self.open;
                     finished_at = Some(Instant::now());
                     self.shared.done_sending.fetch_add(1, Ordering::SeqCst);
                 }
@@ -568,6 +574,9 @@ impl Worker {
             until = until.min(*due);
         }
         until = until.min(self.stop_taking_ns).min(self.give_up_ns);
+        if self.hold_until_ns > now_ns {
+            until = until.min(self.hold_until_ns);
+        }
         if let Some(due) = self.next_due_ns()
             && due < until
             && !self.input_done
@@ -588,6 +597,9 @@ impl Worker {
             self.stop_taking_ns = start_ns + d.as_nanos() as u64;
             // Answers still missing one answer timeout after the end are failed.
             self.give_up_ns = self.stop_taking_ns + self.spec.ack_timeout.as_nanos() as u64;
+        }
+        if let Some(hold) = self.spec.idle_hold {
+            self.hold_until_ns = start_ns + hold.as_nanos() as u64;
         }
         if let Some(g) = self.gate.as_mut() {
             g.last_seen = Instant::now();
