@@ -36,7 +36,17 @@ fn f(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} missing in {v:#}"))
 }
 
-fn assert_exact(v: &Value) {
+/// Every message sent is acked or failed, in all and per phase; and when the test knows how
+/// many messages the run planned (a message-count run), every one of them was sent.
+fn assert_exact(v: &Value, planned: Option<u64>) {
+    if let Some(planned) = planned {
+        assert_eq!(
+            n(v, "/sent"),
+            planned,
+            "planned messages not all sent: {v:#}"
+        );
+        assert_eq!(n(v, "/unsent"), 0, "{v:#}");
+    }
     assert_eq!(
         n(v, "/sent"),
         n(v, "/acked") + n(v, "/failed"),
@@ -78,7 +88,7 @@ fn a_small_run_accounts_for_every_message_warmup_and_main_apart() {
             "20",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(2400));
     assert_eq!(n(&v, "/sent"), 2400);
     assert_eq!(n(&v, "/acked"), 2400);
     assert_eq!(n(&v, "/failed"), 0);
@@ -156,7 +166,7 @@ fn the_command_prints_the_report_and_json_as_its_last_line() {
         assert!(v.get(field).is_some_and(|x| !x.is_null()), "{field}: {v:#}");
     }
     assert_eq!(n(&v, "/acked"), 1000);
-    assert_exact(&v);
+    assert_exact(&v, Some(1000));
 }
 
 /// A TCP proxy in front of the server that cuts every connection once `budget` bytes have gone
@@ -259,7 +269,7 @@ fn cut_connections_are_reconnected_and_their_messages_retried() {
             "--no-server-metrics",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(2000));
     assert_eq!(n(&v, "/sent"), 2000);
     assert!(proxy.cuts.load(Ordering::Relaxed) > 0);
     assert!(n(&v, "/reconnections") > 0, "{v:#}");
@@ -296,7 +306,7 @@ fn retryable_errors_are_retried_with_backoff() {
             "--no-server-metrics",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(600));
     assert!(n(&v, "/error_frames/RATE_LIMITED") > 0, "{v:#}");
     assert!(n(&v, "/retries") > 0, "{v:#}");
     assert_eq!(n(&v, "/reconnections"), 0);
@@ -328,13 +338,13 @@ fn every_output_file_is_written_and_well_formed() {
             &out,
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(1500));
 
     let csv = std::fs::read_to_string(dir.join("messages.csv")).expect("messages.csv");
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("timestamp,messageType,latencyMs,statusCode,roomId")
+        Some("timestamp,messageType,latencyMs,statusCode,roomId,phase")
     );
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len() as u64, n(&v, "/sent"), "one row per message");
@@ -344,14 +354,14 @@ fn every_output_file_is_written_and_well_formed() {
         .as_millis() as u64;
     for row in &rows {
         let cols: Vec<&str> = row.split(',').collect();
-        assert_eq!(cols.len(), 5, "{row}");
+        assert_eq!(cols.len(), 6, "{row}");
         let ts: u64 = cols[0].parse().expect("timestamp");
         assert!(ts <= now_ms && ts + 600_000 > now_ms, "{row}");
         assert!(["TEXT", "JOIN", "LEAVE"].contains(&cols[1]), "{row}");
-        let latency: f64 = cols[2].parse().expect("latency");
-        assert!(latency >= 0.0, "{row}");
+        cols[2].parse::<f64>().expect("latency");
         assert_eq!(cols[3], "OK", "{row}");
         assert!(["1", "2"].contains(&cols[4]), "{row}");
+        assert!(["warmup", "main"].contains(&cols[5]), "{row}");
     }
 
     let tp = std::fs::read_to_string(dir.join("throughput.csv")).expect("throughput.csv");
@@ -451,7 +461,7 @@ fn open_loop_holds_its_schedule() {
             "--no-server-metrics",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, None);
     let sent = n(&v, "/sent");
     assert!(
         (5700..=6300).contains(&sent),
@@ -486,7 +496,7 @@ fn fan_out_counts_a_delivery_at_every_other_member() {
             "--no-server-metrics",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(400));
     assert_eq!(n(&v, "/acked"), 400);
     assert_eq!(v["mode"], "fanout");
     // Every message reaches the 19 other members (the sender gets the ack instead).
@@ -516,7 +526,7 @@ fn connections_can_come_from_several_local_addresses() {
             "--no-server-metrics",
         ],
     );
-    assert_exact(&v);
+    assert_exact(&v, Some(400));
     assert_eq!(n(&v, "/acked"), 400);
 }
 
@@ -616,4 +626,384 @@ fn a_server_that_is_not_there_is_a_clear_error() {
     };
     assert!(err.contains("could not connect"), "{err}");
     assert!(err.contains("refused"), "{err}");
+}
+
+// ---- a misbehaving server -------------------------------------------------------------------
+
+/// How [`FakeServer`] misbehaves. Every loop in it is bounded in time, so a test ends by
+/// itself whatever the load tester does.
+#[derive(Clone, Default)]
+struct Misbehave {
+    /// Close every connection right after the upgrade.
+    close_at_once: bool,
+    /// Before the ack of every Nth message, an error frame without `clientMessageId`.
+    idless_error_every: u64,
+    /// Send frames without stopping for this long after the upgrade.
+    flood_for: Option<Duration>,
+    /// Never answer the Nth message received (counted over all connections, from 1).
+    drop_answer: Option<u64>,
+    /// After the Nth message, answer nothing (and read nothing) for this long.
+    stall: Option<(u64, Duration)>,
+    /// Answer `GET /api/metrics` with a Content-Length body, then hold the connection open.
+    metrics: bool,
+}
+
+/// A tiny WebSocket server (std + tungstenite) that acks every message with its
+/// `clientMessageId`, except as [`Misbehave`] says.
+struct FakeServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    upgrades: Arc<AtomicU64>,
+}
+
+/// No fake-server loop runs longer than this.
+const FAKE_LIFETIME: Duration = Duration::from_secs(30);
+
+impl FakeServer {
+    fn start(how: Misbehave) -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let upgrades = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
+        let (st, up) = (stop.clone(), upgrades.clone());
+        thread::spawn(move || {
+            let end = std::time::Instant::now() + FAKE_LIFETIME;
+            while !st.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let (how, st, up, rx) =
+                            (how.clone(), st.clone(), up.clone(), received.clone());
+                        thread::spawn(move || Self::serve(s, &how, &st, &up, &rx));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        FakeServer {
+            addr,
+            stop,
+            upgrades,
+        }
+    }
+
+    fn serve(
+        s: TcpStream,
+        how: &Misbehave,
+        stop: &AtomicBool,
+        upgrades: &AtomicU64,
+        received: &AtomicU64,
+    ) {
+        use tungstenite::Message;
+        let end = std::time::Instant::now() + FAKE_LIFETIME;
+        s.set_nonblocking(false).expect("blocking");
+        // Wait until the request line's start is here (it may arrive in pieces).
+        let mut head = [0u8; 16];
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut seen = 0;
+        for _ in 0..200 {
+            seen = s.peek(&mut head).unwrap_or(0);
+            if seen >= 15 || seen == 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let _ = s.set_read_timeout(None);
+        if head[..seen].starts_with(b"GET /api/metric") {
+            if how.metrics {
+                let mut s = s;
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req);
+                let body = br#"{"fake":true}"#;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+                // A server that ignores `Connection: close`: the body is complete, the
+                // connection stays open.
+                thread::sleep(Duration::from_secs(6));
+            }
+            return;
+        }
+        let Ok(mut ws) = tungstenite::accept(s) else {
+            return;
+        };
+        upgrades.fetch_add(1, Ordering::Relaxed);
+        if how.close_at_once {
+            let _ = ws.close(None);
+            let _ = ws.flush();
+            return;
+        }
+        let flood_until = how.flood_for.map(|d| std::time::Instant::now() + d);
+        // Pre-framed (server frames are unmasked): the flood goes out at memcpy speed.
+        let payload = br#"{"type":"noise"}"#;
+        let mut burst = Vec::new();
+        for _ in 0..4096 {
+            burst.extend_from_slice(&[0x81, payload.len() as u8]);
+            burst.extend_from_slice(payload);
+        }
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+            let flooding = flood_until.is_some_and(|t| std::time::Instant::now() < t);
+            if flooding && (ws.flush().is_err() || ws.get_mut().write_all(&burst).is_err()) {
+                return;
+            }
+            // Reads poll (non-blocking) while flooding, wait a little otherwise; writes block.
+            let _ = ws.get_mut().set_nonblocking(flooding);
+            let _ = ws
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_millis(2)));
+            let read = ws.read();
+            let _ = ws.get_mut().set_nonblocking(false);
+            let text = match read {
+                Ok(Message::Text(t)) => t,
+                Ok(Message::Close(_)) => {
+                    let _ = ws.flush();
+                    return;
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let k = received.fetch_add(1, Ordering::SeqCst) + 1;
+            let v: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+            let id = v["clientMessageId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some((at, pause)) = how.stall
+                && at == k
+            {
+                thread::sleep(pause);
+            }
+            if how.drop_answer == Some(k) {
+                continue;
+            }
+            if how.idless_error_every > 0 && k.is_multiple_of(how.idless_error_every) {
+                let e = r#"{"type":"error","code":"VALIDATION_FAILED","message":"no id here"}"#;
+                if ws.write(Message::text(e)).is_err() {
+                    return;
+                }
+            }
+            let ack = format!(r#"{{"type":"ack","status":"OK","clientMessageId":"{id}"}}"#);
+            if ws.send(Message::text(ack)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Flags of a small closed-loop run on one connection, without probe or warmup.
+const ONE_CONN: [&str; 9] = [
+    "--warmup-conns",
+    "0",
+    "--conns",
+    "1",
+    "--rooms",
+    "1",
+    "--rtt-probe",
+    "0",
+    "--no-server-metrics",
+];
+
+fn load_err(addr: SocketAddr, flags: &[&str]) -> String {
+    let url = format!("ws://{addr}");
+    let mut argv = vec!["load", "--url", &url, "--no-progress"];
+    argv.extend_from_slice(flags);
+    let args = LoadArgs::from_args(argv).expect("valid flags");
+    match execute(&args) {
+        Ok(r) => panic!("the run must fail: {:#}", r.summary()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn a_server_that_closes_every_connection_at_once_is_an_error() {
+    let s = FakeServer::start(Misbehave {
+        close_at_once: true,
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let mut flags = ONE_CONN.to_vec();
+    flags.extend(["--messages", "50", "--connect-attempts", "3"]);
+    let err = load_err(s.addr, &flags);
+    assert!(err.contains("could not connect"), "{err}");
+    // Opened-then-lost counts as a failed attempt: no endless reconnects.
+    let upgrades = s.upgrades.load(Ordering::Relaxed);
+    assert!(upgrades <= 3, "{upgrades} upgrades for 3 attempts");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The command exits 1 with that message.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatflow"))
+        .args([
+            "load",
+            "--url",
+            &format!("ws://{}", s.addr),
+            "--messages",
+            "50",
+        ])
+        .args(["--connect-attempts", "2", "--no-progress"])
+        .args(ONE_CONN)
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not connect"));
+}
+
+#[test]
+fn a_flood_of_frames_does_not_freeze_the_load_thread() {
+    // The server floods the connection for 2.5 s; its answers queue behind the flood, but the
+    // load thread must keep to the schedule: a thread stuck reading would send nothing until
+    // the flood ended.
+    let s = FakeServer::start(Misbehave {
+        flood_for: Some(Duration::from_millis(2500)),
+        ..Default::default()
+    });
+    let mut flags = ONE_CONN.to_vec();
+    flags.extend([
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--ack-timeout-ms",
+        "4000",
+    ]);
+    let v = load(s.addr, &flags);
+    assert_exact(&v, None);
+    assert!(n(&v, "/phases/main/other_frames") > 1000, "{v:#}");
+    assert!(n(&v, "/sent") >= 95, "{v:#}");
+    let lag = f(&v, "/rate/send_lag/max_ms");
+    assert!(
+        lag < 300.0,
+        "sends were {lag} ms late under the flood: {v:#}"
+    );
+}
+
+#[test]
+fn error_frames_without_an_id_are_not_charged_to_a_message() {
+    let s = FakeServer::start(Misbehave {
+        idless_error_every: 5,
+        ..Default::default()
+    });
+    let mut flags = ONE_CONN.to_vec();
+    flags.extend(["--messages", "100", "--inflight", "4"]);
+    let v = load(s.addr, &flags);
+    assert_exact(&v, Some(100));
+    assert_eq!(n(&v, "/acked"), 100, "{v:#}");
+    assert_eq!(n(&v, "/failed"), 0, "{v:#}");
+    assert_eq!(n(&v, "/unmatched_errors"), 20, "{v:#}");
+}
+
+#[test]
+fn a_duration_run_reports_its_drain_apart_and_sleeps_through_it() {
+    // The 20th answer never comes: the run waits for it (the drain) until the ack timeout.
+    let s = FakeServer::start(Misbehave {
+        drop_answer: Some(20),
+        ..Default::default()
+    });
+    let mut flags = ONE_CONN.to_vec();
+    flags.extend([
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--ack-timeout-ms",
+        "1500",
+        "--retries",
+        "0",
+    ]);
+    let v = load(s.addr, &flags);
+    assert_exact(&v, None);
+    let main = v.pointer("/phases/main").expect("main");
+    let wall = f(main, "/wall_s");
+    let drain = f(main, "/drain_s");
+    assert!((0.95..1.1).contains(&wall), "send window {wall} s: {v:#}");
+    assert!(drain > 0.3, "drain {drain} s: {v:#}");
+    let acked = n(main, "/acked") as f64;
+    assert!((f(main, "/msgs_per_s") - acked / wall).abs() < 1.0, "{v:#}");
+    // Waiting for the late answer must not spin: the thread sleeps through the drain.
+    let cpu = f(main, "/load_thread_cpu_s");
+    assert!(
+        cpu < 0.25 * (wall + drain),
+        "{cpu} s CPU over {} s: {v:#}",
+        wall + drain
+    );
+}
+
+#[test]
+fn open_loop_reports_messages_due_but_never_sent() {
+    // The server stops answering for 1.5 s from the 50th message; with 2 in flight the
+    // schedule's messages wait, and the run ends while they do.
+    let s = FakeServer::start(Misbehave {
+        stall: Some((50, Duration::from_millis(1500))),
+        ..Default::default()
+    });
+    let mut flags = ONE_CONN.to_vec();
+    flags.extend(["--rate", "200", "--duration", "1", "--inflight", "2"]);
+    let v = load(s.addr, &flags);
+    assert_exact(&v, None);
+    let late = n(&v, "/rate/late_unsent");
+    let sent = n(&v, "/sent");
+    assert!(late >= 50, "{v:#}");
+    assert_eq!(
+        sent + late,
+        200,
+        "every scheduled message is sent or counted late: {v:#}"
+    );
+    let worst = f(&v, "/rate/late_unsent_max_wait_ms");
+    assert!(worst > 300.0, "{v:#}");
+    let achieved = f(&v, "/rate/achieved_msgs_per_s");
+    assert!(
+        (achieved - sent as f64).abs() < 5.0,
+        "sent over the 1 s window: {v:#}"
+    );
+}
+
+#[test]
+fn server_metrics_are_read_to_their_length_without_waiting_for_the_close() {
+    let s = FakeServer::start(Misbehave {
+        metrics: true,
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let flags = [
+        "--messages",
+        "20",
+        "--warmup-conns",
+        "0",
+        "--conns",
+        "1",
+        "--rooms",
+        "1",
+        "--rtt-probe",
+        "0",
+    ];
+    let v = load(s.addr, &flags);
+    assert_eq!(v["server_metrics"]["available"], true, "{v:#}");
+    assert_eq!(v["server_metrics"]["body"]["fake"], true, "{v:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }

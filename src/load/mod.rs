@@ -207,15 +207,31 @@ pub fn execute(args: &LoadArgs) -> anyhow::Result<Report> {
         let result = run_phase(p, &clock, first_seq, seed, records, &ui, args.server_pid)
             .with_context(|| format!("{} phase", p.spec.name))?;
         first_seq += result.stats.taken + result.stats.unsent + 1;
-        let nothing_connected = result.stats.connections_opened == 0;
+        // No connection open when the phase was to start: the coordinator aborted it and
+        // nothing was sent, which is an error however many upgrades came and went.
+        // Or connections opened but were all lost and given up before anything was acked
+        // (the same server, seen a moment later): nothing was measured either.
+        let s = &result.stats;
+        let aborted = (result.open_at_start == 0 && result.spec.conns > 0)
+            || (s.acked == 0 && s.failed_by.get("NO_CONNECTION").is_some_and(|n| *n > 0));
+        let why = result
+            .stats
+            .connect_errors
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| "no connection opened".into());
+        let (opened, name) = (result.stats.connections_opened, result.name);
         phases.push(result);
-        if nothing_connected {
-            let last = phases.last();
-            let why = last
-                .and_then(|r| r.stats.connect_errors.iter().max_by_key(|(_, n)| **n))
-                .map(|(k, _)| k.clone())
-                .unwrap_or_else(|| "no connection opened".into());
+        if opened == 0 {
             bail!("could not connect to {}: {why}", plan.base_url);
+        }
+        if aborted {
+            bail!(
+                "could not connect to {}: no connection of the {name} phase stayed open, \
+                 nothing was acked ({opened} upgrades; most common failure: {why})",
+                plan.base_url
+            );
         }
     }
     drop(records_tx);
@@ -452,7 +468,8 @@ impl RunPlan {
                     a.warmup_conns,
                     warm_rooms.clone(),
                     false,
-                    window.min(4096),
+                    // The closed-loop default, not --rate's: --inflight applies if given.
+                    a.inflight.unwrap_or(4),
                     None,
                     a.warmup_duration.map(Duration::from_secs_f32),
                     None,
@@ -587,8 +604,11 @@ pub(crate) struct PhaseResult {
     pub stats: PhaseStats,
     /// Connecting, from the first attempt until every connection was open or given up.
     pub connect_s: f64,
-    /// From the start signal to the last answer.
+    /// From the start signal to the last answer; in a duration run, the send window only
+    /// (start to stop), so throughput is not divided by the wait for late answers.
     pub wall_s: f64,
+    /// Duration runs: from the stop to the last answer (or giving up).
+    pub drain_s: Option<f64>,
     /// Run-clock ns of the start signal.
     pub start_ns: u64,
     pub generator_cpu_s: f64,
@@ -600,6 +620,13 @@ pub(crate) struct PhaseResult {
     /// Busy and steal seconds per CPU line of /proc/stat over that span ("cpu" = all CPUs).
     pub cpu: Vec<sys::CpuTimes>,
     pub open_at_start: u64,
+}
+
+impl PhaseResult {
+    /// From the start signal to the last answer, the drain of a duration run included.
+    pub(crate) fn span_s(&self) -> f64 {
+        self.wall_s + self.drain_s.unwrap_or(0.0)
+    }
 }
 
 fn run_phase(
@@ -618,6 +645,7 @@ fn run_phase(
         start_ns: AtomicU64::new(u64::MAX),
         ready: AtomicUsize::new(0),
         done_sending: AtomicUsize::new(0),
+        exited: AtomicUsize::new(0),
         abort: AtomicBool::new(false),
         progress: Default::default(),
     });
@@ -660,10 +688,18 @@ fn run_phase(
         .context("starting the generator thread")?;
     let mut handles = Vec::new();
     for (t, w) in workers.into_iter().enumerate() {
+        let guard = ExitGuard(shared.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("load-{t}"))
-                .spawn(move || w.run())
+                .spawn(move || {
+                    let guard = guard;
+                    let r = w.run();
+                    if r.is_err() {
+                        guard.0.abort.store(true, Ordering::SeqCst);
+                    }
+                    r
+                })
                 .context("starting a load thread")?,
         );
     }
@@ -707,11 +743,24 @@ fn run_phase(
     stop.store(true, Ordering::SeqCst);
     let mut stats = PhaseStats::new(spec.rooms.len());
     let mut first_error = None;
-    for h in handles {
+    for (t, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(s)) => stats.merge(s),
-            Ok(Err(e)) => first_error = first_error.or(Some(anyhow::Error::from(e))),
-            Err(_) => first_error = first_error.or(Some(anyhow::anyhow!("a load thread panicked"))),
+            Ok(Err(e)) => {
+                first_error = first_error.or(Some(
+                    anyhow::Error::from(e).context(format!("load thread {t} failed")),
+                ))
+            }
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                first_error = first_error.or(Some(anyhow::anyhow!(
+                    "load thread {t} panicked: {why}; the phase was aborted"
+                )))
+            }
         }
     }
     let generator_cpu_s = generator.join().unwrap_or(0.0);
@@ -723,7 +772,16 @@ fn run_phase(
     } else {
         clock.now_ns()
     };
-    let wall_s = end_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let (wall_s, drain_s) = match spec.duration {
+        Some(d) => {
+            let stop_ns = start_ns + d.as_nanos() as u64;
+            (
+                d.as_secs_f64(),
+                Some(end_ns.saturating_sub(stop_ns) as f64 / 1e9),
+            )
+        }
+        None => (end_ns.saturating_sub(start_ns) as f64 / 1e9, None),
+    };
     ui.phase_done(&spec, &stats, wall_s);
     Ok(PhaseResult {
         name: spec.name,
@@ -731,6 +789,7 @@ fn run_phase(
         stats,
         connect_s,
         wall_s,
+        drain_s,
         start_ns,
         generator_cpu_s,
         process_cpu_s: after.process_cpu_s - before.process_cpu_s,
@@ -745,6 +804,19 @@ fn run_phase(
         cpu: sys::cpu_deltas(&before.cpu, &after.cpu),
         open_at_start,
     })
+}
+
+/// Marks a load thread's exit however it ends. A thread that ends early (an error or a
+/// panic) aborts the phase, so the others stop instead of waiting for it forever.
+struct ExitGuard(Arc<PhaseShared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort.store(true, Ordering::SeqCst);
+        }
+        self.0.exited.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// CPU readings at one edge of a phase's measured span.
@@ -892,6 +964,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_load_thread_that_panics_aborts_the_phase_and_is_counted() {
+        let shared = Arc::new(PhaseShared {
+            clock: Arc::new(RunClock::new()),
+            start_ns: AtomicU64::new(u64::MAX),
+            ready: AtomicUsize::new(0),
+            done_sending: AtomicUsize::new(0),
+            exited: AtomicUsize::new(0),
+            abort: AtomicBool::new(false),
+            progress: Default::default(),
+        });
+        let guard = ExitGuard(shared.clone());
+        let ok = ExitGuard(shared.clone());
+        drop(ok);
+        assert!(
+            !shared.abort.load(Ordering::SeqCst),
+            "a normal exit aborts nothing"
+        );
+        let h = std::thread::spawn(move || {
+            let _guard = guard;
+            panic!("boom");
+        });
+        assert!(h.join().is_err());
+        assert!(shared.abort.load(Ordering::SeqCst));
+        assert_eq!(shared.exited.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
     fn urls_become_an_address_a_host_and_a_base() {
         let (addr, host, base) = parse_url("ws://127.0.0.1:9000").expect("ok");
         assert_eq!(addr, "127.0.0.1:9000".parse().expect("addr"));
@@ -943,6 +1042,12 @@ mod tests {
         let a = LoadArgs::from_args(["load", "--duration", "2", "--rate", "100"]).expect("ok");
         let plan = RunPlan::new(&a).expect("valid");
         assert_eq!(plan.window, 4096);
+        // --rate's in-flight default is the main phase's; the closed-loop warmup keeps 4.
+        assert_eq!(plan.phases[1].spec.window, 4);
+        assert_eq!(plan.phases[2].spec.window, 4096);
+        let b = LoadArgs::from_args(["load", "--rate", "100", "--inflight", "8"]).expect("ok");
+        let given = RunPlan::new(&b).expect("valid");
+        assert_eq!(given.phases[1].spec.window, 8);
         let names: Vec<_> = plan.phases.iter().map(|p| p.spec.name).collect();
         assert_eq!(names, ["probe", "warmup", "main"]);
         assert_eq!(plan.phases[1].total, Some(32_000));

@@ -188,6 +188,7 @@ impl Report {
             s.connect_errors = p.stats.connect_errors.clone();
             s.other_frames = p.stats.other_frames;
             s.unmatched_answers = p.stats.unmatched_answers;
+            s.unmatched_errors = p.stats.unmatched_errors;
             s.records_dropped = p.stats.records_dropped;
             t.merge(s);
         }
@@ -224,7 +225,7 @@ impl Report {
     /// Busy share of the load threads in the main phase (1.0 = every thread always on CPU).
     fn load_busy(&self) -> Option<f64> {
         let main = self.phase("main")?;
-        let denom = main.wall_s * main.spec.threads as f64;
+        let denom = main.span_s() * main.spec.threads as f64;
         (denom > 0.0).then(|| main.stats.thread_cpu_s / denom)
     }
 
@@ -303,7 +304,10 @@ impl Report {
             let target = m.spec.rate?;
             Some(json!({
                 "target_msgs_per_s": target,
-                "achieved_msgs_per_s": r3(achieved_rate(&m.stats)),
+                "achieved_msgs_per_s": r3(achieved_rate(m)),
+                "late_unsent": m.spec.duration.map(|_| late_unsent(m)),
+                "late_unsent_max_wait_ms": m.spec.duration
+                    .map(|_| r3(m.stats.late_unsent_max_wait_ns as f64 / 1e6)),
                 "send_lag": Latency::json(Latency::of(&m.stats.schedule_lag)),
             }))
         });
@@ -355,6 +359,7 @@ impl Report {
             "disconnects": t.disconnects,
             "ack_timeouts": t.ack_timeouts,
             "deliveries": t.deliveries,
+            "unmatched_errors": t.unmatched_errors,
         });
         let rest = json!({
             "mean_ms": lat(|l| l.mean),
@@ -627,9 +632,20 @@ impl Report {
                 format!(
                     "{} / {} msg/s",
                     thousands(target as u64),
-                    thousands(achieved_rate(&m.stats) as u64)
+                    thousands(achieved_rate(m) as u64)
                 ),
             );
+            if m.stats.late_unsent > 0 || late_unsent(m) > 0 {
+                row(
+                    &mut o,
+                    "due, never sent",
+                    format!(
+                        "{} (the run ended first; the longest had waited {:.3} ms)",
+                        thousands(late_unsent(m)),
+                        m.stats.late_unsent_max_wait_ns as f64 / 1e6
+                    ),
+                );
+            }
             if let Some(l) = Latency::of(&m.stats.schedule_lag) {
                 row(
                     &mut o,
@@ -995,7 +1011,7 @@ impl Report {
             .unwrap_or_default();
         let span: f64 = self
             .measured()
-            .map(|p| p.start_ns.saturating_sub(origin) as f64 / 1e9 + p.wall_s)
+            .map(|p| p.start_ns.saturating_sub(origin) as f64 / 1e9 + p.span_s())
             .fold(0.0, f64::max);
         let ticks_per_point = ((span / tick_s / 200.0).ceil() as usize).max(1);
         self.measured()
@@ -1009,7 +1025,7 @@ impl Report {
                     .map(|(i, c)| {
                         let from = (i * ticks_per_point) as f64 * tick_s;
                         // The last point is partial: divide by the part that ran.
-                        let len = (p.wall_s - from).clamp(1e-3, ticks_per_point as f64 * tick_s);
+                        let len = (p.span_s() - from).clamp(1e-3, ticks_per_point as f64 * tick_s);
                         let acked: u64 = c.iter().map(|t| t[0]).sum();
                         (offset + from + len / 2.0, acked as f64 / len)
                     })
@@ -1032,7 +1048,7 @@ impl Report {
                 let acked: u64 = ticks[from..to].iter().map(|c| c[0]).sum();
                 let failed: u64 = ticks[from..to].iter().map(|c| c[1]).sum();
                 let start = (i * b) as f64;
-                let end = ((i + 1) as f64 * b as f64).min(p.wall_s.max(start + 1e-3));
+                let end = ((i + 1) as f64 * b as f64).min(p.span_s().max(start + 1e-3));
                 let (p50, p99) = match p.stats.bucket_latency.get(i) {
                     Some(h) if !h.is_empty() => (
                         format!("{:.3}", h.value_at_quantile(0.5) as f64 / 1e3),
@@ -1077,11 +1093,37 @@ fn ratio(a: u64, b: u64) -> String {
 }
 
 /// First sends per second between the first and the last one (open loop).
-fn achieved_rate(s: &PhaseStats) -> f64 {
+/// Open loop: first sends per second; over the send window (start to stop) in a duration
+/// run, else between the first and the last send.
+fn achieved_rate(p: &PhaseResult) -> f64 {
+    let s = &p.stats;
+    if let Some(d) = p.spec.duration {
+        return per_s(s.sent, d.as_secs_f64());
+    }
     if s.sent < 2 || s.last_send_ns <= s.first_send_ns {
         return 0.0;
     }
     (s.sent - 1) as f64 / ((s.last_send_ns - s.first_send_ns) as f64 / 1e9)
+}
+
+/// Open loop, duration run: messages the schedule had due before the stop that were never
+/// sent (the run fell behind), whether they waited in a load thread or were not even taken.
+fn late_unsent(p: &PhaseResult) -> u64 {
+    let (Some(rate), Some(d)) = (p.spec.rate, p.spec.duration) else {
+        return 0;
+    };
+    // Message i is due at i / rate (as the load threads compute it); count those before d.
+    let interval = 1e9 / rate;
+    let d_ns = d.as_nanos() as u64;
+    let due = |i: u64| (i as f64 * interval) as u64;
+    let mut k = (d_ns as f64 / interval).ceil() as u64;
+    while k > 0 && due(k - 1) >= d_ns {
+        k -= 1;
+    }
+    while due(k) < d_ns {
+        k += 1;
+    }
+    k.saturating_sub(p.stats.sent).max(p.stats.late_unsent)
 }
 
 fn phase_json(p: &PhaseResult) -> Value {
@@ -1110,6 +1152,8 @@ fn phase_json(p: &PhaseResult) -> Value {
         "process_cpu_s": r3(p.process_cpu_s),
         "server_cpu_s": p.server_cpu_s.map(r3),
         "unmatched_answers": s.unmatched_answers,
+        "unmatched_errors": s.unmatched_errors,
+        "drain_s": p.drain_s.map(r3),
         "other_frames": s.other_frames,
     })
 }
@@ -1203,7 +1247,8 @@ pub(crate) fn write_messages_csv(
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(b"timestamp,messageType,latencyMs,statusCode,roomId\n")?;
+    // The five columns the assignment asks for, in its order; then ours.
+    w.write_all(b"timestamp,messageType,latencyMs,statusCode,roomId,phase\n")?;
     let mut rows = 0u64;
     let mut line = Vec::with_capacity(96);
     let mut num = itoa::Buffer::new();
@@ -1236,6 +1281,8 @@ pub(crate) fn write_messages_csv(
                     .map_or("?", String::as_str)
                     .as_bytes(),
             );
+            line.push(b',');
+            line.extend_from_slice(chunk.phase.as_bytes());
             line.push(b'\n');
             w.write_all(&line)?;
             rows += 1;
@@ -1301,32 +1348,54 @@ pub(crate) fn fetch_server_metrics(addr: SocketAddr, host: &str) -> ServerMetric
     }
 }
 
+/// Everything of the metrics request (connect, send, read) must fit in this.
+const METRICS_DEADLINE: Duration = Duration::from_secs(3);
+
 fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.take(MAX_METRICS_BYTES as u64 + 64 * 1024)
-        .read_to_end(&mut raw)
-        .context("reading the reply")?;
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(&raw).context("parsing the reply")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => anyhow::bail!("incomplete HTTP reply"),
+    let deadline = std::time::Instant::now() + METRICS_DEADLINE;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1))
     };
-    let status = resp.code.unwrap_or(0);
-    let chunked = resp.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value)
-                .to_ascii_lowercase()
-                .contains("chunked")
-    });
+    let mut s = TcpStream::connect_timeout(&addr, left().min(Duration::from_secs(2)))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_write_timeout(Some(left()))?;
+    // One write: `write!` on a socket would send each formatted piece as its own segment.
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes())?;
+    // Read until the reply is complete by its own framing (Content-Length, the last chunk),
+    // the close, or the deadline: a server that keeps the connection open must not hold us.
+    let limit = MAX_METRICS_BYTES + 64 * 1024;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(reply) = complete_reply(&raw)? {
+            return Ok(reply);
+        }
+        anyhow::ensure!(raw.len() < limit, "the reply is over {limit} bytes");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no complete reply within {} s",
+            METRICS_DEADLINE.as_secs()
+        );
+        s.set_read_timeout(Some(left()))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => raw.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(anyhow::Error::from(e).context("reading the reply")),
+        }
+    }
+    // Closed: what came is the reply (a body delimited by the close).
+    let (status, chunked, _, head_len) = parse_head(&raw)?.context("incomplete HTTP reply")?;
     let body = &raw[head_len..];
     let body = if chunked {
         dechunk(body).context("bad chunked body")?
@@ -1334,6 +1403,42 @@ fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>
         body.to_vec()
     };
     Ok((status, body))
+}
+
+/// (status, chunked, Content-Length, head length) of a complete reply head.
+type Head = (u16, bool, Option<usize>, usize);
+
+/// The reply's head once it is complete.
+fn parse_head(raw: &[u8]) -> anyhow::Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(raw).context("parsing the reply")? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let value = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let chunked = value("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+    let length = value("content-length").and_then(|v| v.parse().ok());
+    Ok(Some((resp.code.unwrap_or(0), chunked, length, head_len)))
+}
+
+/// The reply, if `raw` holds all of it by its framing.
+fn complete_reply(raw: &[u8]) -> anyhow::Result<Option<(u16, Vec<u8>)>> {
+    let Some((status, chunked, length, head_len)) = parse_head(raw)? else {
+        return Ok(None);
+    };
+    let body = &raw[head_len..];
+    if chunked {
+        return Ok(dechunk(body).map(|b| (status, b)));
+    }
+    Ok(length
+        .filter(|n| body.len() >= *n)
+        .map(|n| (status, body[..n].to_vec())))
 }
 
 /// Decodes a chunked HTTP body.

@@ -157,6 +157,13 @@ pub(crate) struct PhaseStats {
     pub other_frames: u64,
     /// Answers that matched none of the connection's unanswered messages (duplicates).
     pub unmatched_answers: u64,
+    /// Error frames without one of our ids on a connection whose server echoes ids: about no
+    /// message we can name, so charged to none.
+    pub unmatched_errors: u64,
+    /// Open loop, duration run: messages due before the end that were never sent.
+    pub late_unsent: u64,
+    /// ... and the longest any of them had waited at the end, ns.
+    pub late_unsent_max_wait_ns: u64,
     /// Send to ack, nanoseconds (from the intended send time of the first attempt).
     pub ack_latency: Histogram<u64>,
     /// Send to receipt at each member (fan-out phases).
@@ -204,6 +211,9 @@ impl PhaseStats {
             connect_errors: BTreeMap::new(),
             other_frames: 0,
             unmatched_answers: 0,
+            unmatched_errors: 0,
+            late_unsent: 0,
+            late_unsent_max_wait_ns: 0,
             ack_latency: latency_histogram(),
             delivery_latency: latency_histogram(),
             schedule_lag: latency_histogram(),
@@ -266,6 +276,9 @@ impl PhaseStats {
         }
         self.other_frames += o.other_frames;
         self.unmatched_answers += o.unmatched_answers;
+        self.unmatched_errors += o.unmatched_errors;
+        self.late_unsent += o.late_unsent;
+        self.late_unsent_max_wait_ns = self.late_unsent_max_wait_ns.max(o.late_unsent_max_wait_ns);
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.ack_latency.add(&o.ack_latency);
         let _ = self.delivery_latency.add(&o.delivery_latency);

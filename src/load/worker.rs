@@ -127,7 +127,9 @@ pub(crate) struct PhaseShared {
     pub ready: AtomicUsize,
     /// Threads with every message answered or given up.
     pub done_sending: AtomicUsize,
-    /// Set by the coordinator if the phase must end now (nothing connected).
+    /// Load threads that have exited, however (counted by a drop guard).
+    pub exited: AtomicUsize,
+    /// The phase must end now: nothing connected, or a load thread failed or panicked.
     pub abort: AtomicBool,
     pub progress: Progress,
 }
@@ -135,6 +137,8 @@ pub(crate) struct PhaseShared {
 /// A chunk of per-message rows on its way to the CSV writer.
 pub(crate) struct RecordChunk {
     pub rooms: Arc<Vec<String>>,
+    /// The phase the rows belong to (the CSV's last column).
+    pub phase: &'static str,
     pub rows: Vec<Record>,
 }
 
@@ -152,6 +156,10 @@ const OPEN_LOOP_PARK_CAP: usize = 100_000;
 /// Fan-out: if the probe member sees nothing for this long while senders wait on it, its
 /// count is resynchronised (a broadcast it should have seen was lost or never made).
 const PROBE_STALL: Duration = Duration::from_millis(500);
+/// Frames one `read_all` call handles before it moves on; a connection that had more is read
+/// again next loop turn (edge-triggered epoll will not say so again), so a server flooding one
+/// connection cannot keep the thread from its other connections, its sends and its timers.
+const READ_BUDGET_FRAMES: usize = 512;
 /// Token of the open-loop timer; connections use their index.
 const TIMER: Token = Token(usize::MAX);
 /// Not yet sent: `first_ns` is set by the first send (closed loop) or the schedule.
@@ -169,6 +177,9 @@ pub(crate) struct Sock {
     stream: TcpStream,
     drained: bool,
     read_closed: bool,
+    /// Reads that went to the kernel and returned data: a new count means new bytes, so the
+    /// receive clock is taken again.
+    reads: u64,
 }
 
 impl io::Read for Sock {
@@ -179,6 +190,7 @@ impl io::Read for Sock {
         }
         let n = self.stream.read(buf)?;
         self.drained = n > 0 && n < buf.len();
+        self.reads += 1;
         Ok(n)
     }
 }
@@ -208,8 +220,9 @@ enum ConnState {
 #[derive(Clone, Copy)]
 struct Pending {
     msg: Msg,
-    /// The intended time of the first send: latency is measured from here, so a message that
-    /// waited for a window, a schedule slot or a retry carries that wait in its latency.
+    /// Latency is measured from here: the scheduled time in open loop (so a wait for a
+    /// window or a stall counts), just before the first send in closed loop; retries keep it,
+    /// so their backoff counts either way.
     first_ns: u64,
     /// When the current attempt went out (for the answer timeout).
     sent_ns: u64,
@@ -226,9 +239,17 @@ struct Conn {
     outstanding: VecDeque<Pending>,
     /// Listed in its room's `free` queue.
     in_free: bool,
-    /// Consecutive failed connection attempts.
+    /// Consecutive failed connection attempts; an upgrade lost before any frame came counts
+    /// as one (a server that accepts and closes at once must not cause endless reconnects).
     failures: u32,
     ever_opened: bool,
+    /// A frame came on the current connection since it opened.
+    answered: bool,
+    /// The server has echoed one of our `clientMessageId`s on this connection: answers
+    /// without one are then not attributed to a message by order.
+    echoes_ids: bool,
+    /// Listed in `read_again`: hit the read budget with frames possibly left.
+    read_again: bool,
     attempt_started: Instant,
     /// Listed in `dirty` for a flush at the end of this loop turn.
     dirty: bool,
@@ -321,6 +342,8 @@ pub(crate) struct Worker {
     connecting: usize,
     connect_cap: usize,
     dirty: Vec<usize>,
+    /// Connections that hit the read budget; read again next turn.
+    read_again: Vec<usize>,
     gate: Option<FanoutGate>,
     /// Taken and not yet answered or given up.
     unresolved: u64,
@@ -369,6 +392,9 @@ impl Worker {
                 in_free: false,
                 failures: 0,
                 ever_opened: false,
+                answered: false,
+                echoes_ids: false,
+                read_again: false,
                 attempt_started: now,
                 dirty: false,
             });
@@ -422,6 +448,7 @@ impl Worker {
             connecting: 0,
             connect_cap,
             dirty: Vec::new(),
+            read_again: Vec::new(),
             gate,
             unresolved: 0,
             start_ns: u64::MAX,
@@ -470,7 +497,12 @@ impl Worker {
                 return Err(e);
             }
             self.clock.refresh();
-            let mut had_frames = false;
+            let mut had_frames = !self.read_again.is_empty();
+            // Connections cut off by the read budget last turn, before any new event.
+            for ci in std::mem::take(&mut self.read_again) {
+                self.conns[ci].read_again = false;
+                self.read_all(ci);
+            }
             for ev in events.iter() {
                 if ev.token() == TIMER {
                     self.timer.clear();
@@ -485,6 +517,12 @@ impl Worker {
                 last_frame = now;
             }
             let now_ns = self.shared.clock.ns(now);
+            // The coordinator ends the phase now: nothing connected, or another thread failed.
+            if self.shared.abort.load(Ordering::SeqCst) {
+                self.flush_records(true);
+                self.close_all();
+                return Ok(self.stats);
+            }
             if finished_at.is_none() {
                 self.start_connects(now_ns);
                 if now.duration_since(last_scan) >= Duration::from_millis(50) {
@@ -512,10 +550,6 @@ impl Worker {
                     self.shared.ready.fetch_add(1, Ordering::SeqCst);
                 }
                 let start = self.shared.start_ns.load(Ordering::SeqCst);
-                if self.shared.abort.load(Ordering::SeqCst) {
-                    self.close_all();
-                    return Ok(self.stats);
-                }
                 if ready && start != u64::MAX && self.now_ns() >= start {
                     self.begin(start);
                     start_cpu = sys::thread_cpu_seconds();
@@ -560,26 +594,39 @@ impl Worker {
     /// How long the next poll may sleep; in open loop also arms the timer for the next send.
     fn poll_timeout(&mut self) -> io::Result<Duration> {
         let now_ns = self.now_ns();
+        if !self.read_again.is_empty() {
+            // Frames may wait in sockets no new event will report.
+            return Ok(Duration::ZERO);
+        }
         if self.start_ns == u64::MAX {
             // Connecting, or waiting for the start signal: wake on time for it.
             let start = self.shared.start_ns.load(Ordering::SeqCst);
             let wait = Duration::from_nanos(start.saturating_sub(now_ns));
             return Ok(wait.min(Duration::from_millis(5)));
         }
+        // Deadlines wake us only while they are ahead: one already past has been acted on
+        // (or has nothing left to do, as the stop in the drain), and waking for it again
+        // would spin.
         let mut until = now_ns + 50_000_000;
+        let mut wake = |t: u64| {
+            if t > now_ns {
+                until = until.min(t);
+            }
+        };
         if let Some(Reverse(r)) = self.retry_heap.peek() {
-            until = until.min(r.due_ns);
+            wake(r.due_ns);
         }
         if let Some(Reverse((due, _))) = self.reconnect_heap.peek() {
-            until = until.min(*due);
+            wake(*due);
         }
-        until = until.min(self.stop_taking_ns).min(self.give_up_ns);
-        if self.hold_until_ns > now_ns {
-            until = until.min(self.hold_until_ns);
-        }
+        wake(self.stop_taking_ns);
+        wake(self.give_up_ns);
+        wake(self.hold_until_ns);
+        // The schedule's next message matters only while there is room to take it.
         if let Some(due) = self.next_due_ns()
             && due < until
             && !self.input_done
+            && self.parked < self.park_cap
         {
             if due <= now_ns {
                 return Ok(Duration::ZERO);
@@ -681,10 +728,8 @@ impl Worker {
             };
             let first_ns = match self.due_ns(&msg) {
                 Some(due) if due > now_ns => return,
-                Some(due) if due >= self.stop_taking_ns => {
-                    self.stop_taking();
-                    return;
-                }
+                // Due after the end: nothing more to take; the stop itself comes at its time.
+                Some(due) if due >= self.stop_taking_ns => return,
                 Some(due) => due,
                 None => UNSET,
             };
@@ -717,16 +762,48 @@ impl Worker {
     }
 
     /// A duration run has reached its end: take nothing more, and drop what waits unsent.
+    ///
+    /// Open loop: messages the schedule had due before the end but that never went (waiting
+    /// for a window, in the local batch or the generator's queue) are counted as
+    /// `late_unsent` with the longest such wait, so the end of a run that fell behind does
+    /// not hide the lag (coordinated omission).
     fn stop_taking(&mut self) {
+        if self.input_done && self.inbuf.is_empty() && self.parked == 0 {
+            return;
+        }
         self.input_done = true;
+        let end = self.stop_taking_ns.min(self.now_ns());
+        let mut late_waits: Vec<u64> = Vec::new();
+        if self.interval_ns.is_some() {
+            while let Ok(batch) = self.input.try_recv() {
+                self.inbuf.extend(batch);
+            }
+            for m in &self.inbuf {
+                if let Some(due) = self.due_ns(m)
+                    && due < self.stop_taking_ns
+                {
+                    late_waits.push(end.saturating_sub(due));
+                }
+            }
+        }
         self.inbuf.clear();
         for r in 0..self.rooms.len() {
             let before = self.rooms[r].queue.len();
-            self.rooms[r].queue.retain(|p| p.attempts > 0);
+            let open_loop = self.interval_ns.is_some();
+            self.rooms[r].queue.retain(|p| {
+                if p.attempts == 0 && open_loop && p.first_ns != UNSET {
+                    late_waits.push(end.saturating_sub(p.first_ns));
+                }
+                p.attempts > 0
+            });
             let dropped = (before - self.rooms[r].queue.len()) as u64;
             self.parked -= dropped as usize;
             self.stats.unsent += dropped;
             self.unresolved -= dropped;
+        }
+        self.stats.late_unsent += late_waits.len() as u64;
+        if let Some(w) = late_waits.into_iter().max() {
+            self.stats.late_unsent_max_wait_ns = self.stats.late_unsent_max_wait_ns.max(w);
         }
     }
 
@@ -880,11 +957,21 @@ impl Worker {
     /// The unanswered message an answer belongs to: normally the oldest, since answers come in
     /// send order; by id if the server answered out of order; the oldest if the answer carries
     /// no id of ours (a server that does not echo it).
-    fn take_answered(&mut self, ci: usize, id: Option<ClientMessageId>) -> Option<Pending> {
+    ///
+    /// An error without one of our ids on a connection whose server does echo ids is about
+    /// no message of ours (a frame it could not parse, say): None, and the caller counts it.
+    fn take_answered(
+        &mut self,
+        ci: usize,
+        id: Option<ClientMessageId>,
+        is_error: bool,
+    ) -> Option<Pending> {
         let run = self.spec.run_id;
-        let out = &mut self.conns[ci].outstanding;
+        let c = &mut self.conns[ci];
+        let out = &mut c.outstanding;
         match id {
             Some(id) if id.run == run => {
+                c.echoes_ids = true;
                 if out.front().is_some_and(|p| p.msg.seq == id.seq) {
                     out.pop_front()
                 } else {
@@ -892,6 +979,7 @@ impl Worker {
                     out.remove(pos)
                 }
             }
+            _ if is_error && c.echoes_ids => None,
             _ => out.pop_front(),
         }
     }
@@ -900,7 +988,7 @@ impl Worker {
         match wire::frame_kind(text) {
             FrameKind::Ack => {
                 let id = wire::frame_client_message_id(text);
-                match self.take_answered(ci, id) {
+                match self.take_answered(ci, id, false) {
                     Some(p) => {
                         self.acked(p, now_ns);
                         self.slot_free(ci);
@@ -939,7 +1027,13 @@ impl Worker {
                 let outcome = Outcome::from_code(code);
                 let retryable = wire::is_retryable(code);
                 let id = wire::frame_client_message_id(text);
-                match self.take_answered(ci, id) {
+                let ours = id.is_some_and(|id| id.run == self.spec.run_id);
+                if !ours && self.conns[ci].echoes_ids {
+                    // Not about a message we can name: counted, charged to none.
+                    self.stats.unmatched_errors += 1;
+                    return;
+                }
+                match self.take_answered(ci, id, true) {
                     Some(p) => {
                         if let Some(g) = self.gate.as_mut() {
                             // A rejected message makes no broadcast for the probe to see.
@@ -1010,6 +1104,7 @@ impl Worker {
         }
         let chunk = RecordChunk {
             rooms: self.spec.rooms.clone(),
+            phase: self.spec.name,
             rows: std::mem::replace(rows, Vec::with_capacity(RECORD_CHUNK)),
         };
         let n = chunk.rows.len() as u64;
@@ -1183,6 +1278,25 @@ impl Worker {
         for p in unanswered {
             self.retry_or_fail(p, why, now_ns);
         }
+        if !self.conns[ci].answered {
+            // Upgraded, then lost before the server said anything: a failed attempt, so a
+            // server that accepts and closes at once is given up on like one that refuses.
+            self.stats.connect_failures += 1;
+            count_code(
+                &mut self.stats.connect_errors,
+                "closed by the server before answering",
+            );
+            self.conns[ci].failures += 1;
+            if self.conns[ci].failures >= self.spec.connect_attempts {
+                self.mark_dead(ci);
+                return;
+            }
+            let failures = self.conns[ci].failures;
+            let wait = self.backoff(Duration::from_millis(50), failures);
+            self.reconnect_heap
+                .push(Reverse((now_ns + wait.as_nanos() as u64, ci)));
+            return;
+        }
         let wait = self.backoff(Duration::from_millis(10), 1);
         self.reconnect_heap
             .push(Reverse((now_ns + wait.as_nanos() as u64, ci)));
@@ -1192,7 +1306,8 @@ impl Worker {
         self.connecting = self.connecting.saturating_sub(1);
         let c = &mut self.conns[ci];
         c.state = ConnState::Open(Box::new(ws));
-        c.failures = 0;
+        // `failures` is reset by the first frame the server sends, not by the upgrade.
+        c.answered = false;
         self.stats.connections_opened += 1;
         if c.ever_opened {
             self.stats.reconnections += 1;
@@ -1248,6 +1363,7 @@ impl Worker {
                                 stream,
                                 drained: false,
                                 read_closed: false,
+                                reads: 0,
                             },
                             Some(self.ws_config),
                         );
@@ -1287,15 +1403,33 @@ impl Worker {
         }
     }
 
+    /// Reads what the connection has, up to `READ_BUDGET_FRAMES` frames; past that it is
+    /// listed for another read next turn.
     fn read_all(&mut self, ci: usize) {
-        // One clock read per batch: the frames of one read arrived together.
-        let now_ns = self.now_ns();
-        loop {
+        let mut now_ns = 0;
+        let mut reads_seen = u64::MAX;
+        for _ in 0..READ_BUDGET_FRAMES {
             let ConnState::Open(ws) = &mut self.conns[ci].state else {
                 return;
             };
-            match ws.read() {
-                Ok(Message::Text(t)) => self.on_text(ci, t.as_str(), now_ns),
+            let frame = ws.read();
+            // One clock read per socket read: the frames of one read arrived together, and a
+            // later read's frames arrived later.
+            let reads = ws.get_ref().reads;
+            if reads != reads_seen {
+                reads_seen = reads;
+                now_ns = self.now_ns();
+            }
+            match frame {
+                Ok(Message::Text(t)) => {
+                    let c = &mut self.conns[ci];
+                    if !c.answered {
+                        // The server talks on this connection: it counts as a good attempt.
+                        c.answered = true;
+                        c.failures = 0;
+                    }
+                    self.on_text(ci, t.as_str(), now_ns)
+                }
                 // tungstenite queued the pong or the close reply; get it flushed.
                 Ok(Message::Ping(_)) | Ok(Message::Close(_)) => self.mark_dirty(ci),
                 Ok(_) => self.stats.other_frames += 1,
@@ -1305,6 +1439,11 @@ impl Worker {
                     return;
                 }
             }
+        }
+        let c = &mut self.conns[ci];
+        if matches!(c.state, ConnState::Open(_)) && !c.read_again {
+            c.read_again = true;
+            self.read_again.push(ci);
         }
     }
 
