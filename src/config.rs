@@ -74,6 +74,9 @@ pub struct Config {
     pub socket_recv_buffer_bytes: usize,
     /// TCP keepalive idle time for client sockets, seconds; 0 disables. Default 0.
     pub tcp_keepalive_secs: u64,
+    /// One `SO_REUSEPORT` listener per reactor (true) or one accept queue shared by all
+    /// reactors (false). Default true.
+    pub reuse_port: bool,
     /// Pin reactor thread i to core i (modulo the core count). Default false.
     pub pin_reactors: bool,
     /// Separate address for `/metrics` and `/api/*`; empty serves them on `listen`. Default empty.
@@ -114,6 +117,7 @@ impl Default for Config {
             socket_send_buffer_bytes: 0,
             socket_recv_buffer_bytes: 0,
             tcp_keepalive_secs: 0,
+            reuse_port: true,
             pin_reactors: false,
             admin_listen: String::new(),
             auth_secret: String::new(),

@@ -66,9 +66,9 @@ impl Server {
     pub fn start(config: Config) -> Result<Server, StartError> {
         let reactors = config.reactor_count();
         let auth_key = config.auth_key()?;
-        let listeners = bind_listeners(config.listen, reactors, config.backlog)?;
+        let listeners = bind_listeners(config.listen, reactors, config.backlog, config.reuse_port)?;
         let mut admin_listener = match config.admin_addr() {
-            Some(addr) => Some(bind_listeners(addr, 1, config.backlog)?.remove(0)),
+            Some(addr) => Some(bind_listeners(addr, 1, config.backlog, false)?.remove(0)),
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -191,6 +191,7 @@ fn bind_listeners(
     addr: SocketAddr,
     n: usize,
     backlog: i32,
+    reuse_port: bool,
 ) -> Result<Vec<TcpListener>, StartError> {
     let fail = |source| StartError::Bind { addr, source };
     let probe =
@@ -203,20 +204,32 @@ fn bind_listeners(
         .as_socket()
         .ok_or_else(|| fail(io::Error::other("not an IP address")))?;
     drop(probe);
+    let listen = |reuse: bool| -> Result<Socket, StartError> {
+        let s = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(fail)?;
+        s.set_reuse_address(true).map_err(fail)?;
+        s.set_reuse_port(reuse).map_err(fail)?;
+        s.set_nonblocking(true).map_err(fail)?;
+        s.bind(&bound.into()).map_err(fail)?;
+        s.listen(backlog).map_err(fail)?;
+        Ok(s)
+    };
+    if !reuse_port {
+        // One accept queue shared by every reactor: each gets its own descriptor of the same
+        // socket, so all wake for a new connection and one wins the accept.
+        let shared = listen(false)?;
+        return (0..n)
+            .map(|_| {
+                let s = shared.try_clone().map_err(fail)?;
+                Ok(TcpListener::from_std(s.into()))
+            })
+            .collect();
+    }
     (0..n)
-        .map(|_| {
-            let s = Socket::new(
-                Domain::for_address(bound),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )
-            .map_err(fail)?;
-            s.set_reuse_address(true).map_err(fail)?;
-            s.set_reuse_port(true).map_err(fail)?;
-            s.set_nonblocking(true).map_err(fail)?;
-            s.bind(&bound.into()).map_err(fail)?;
-            s.listen(backlog).map_err(fail)?;
-            Ok(TcpListener::from_std(s.into()))
-        })
+        .map(|_| Ok(TcpListener::from_std(listen(true)?.into())))
         .collect()
 }

@@ -161,3 +161,23 @@ fn at_the_connection_limit_new_clients_wait_until_a_slot_frees() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop(held);
 }
+
+#[test]
+fn with_one_shared_accept_queue_a_full_reactor_holds_nobody_back() {
+    // Two reactors with room for 10 connections each, and exactly 20 clients: a per-reactor
+    // queue leaves some waiting behind a full reactor unless the hash splits them 10/10
+    // (18% of the time); a shared queue lets the reactor with room take them.
+    let s = TestServer::start(|c| {
+        c.reactors = 2;
+        c.max_connections = 20;
+        c.reuse_port = false;
+    });
+    let mut clients: Vec<_> = (0..20).map(|_| s.ws("shared")).collect();
+    let on = |r: u32| s.metric(&format!("chatflow_reactor_connections{{reactor=\"{r}\"}}"));
+    assert_eq!((on(0), on(1)), (10, 10));
+    clients[0].send(&msg(1, "shared", "over one queue"));
+    assert_eq!(clients[0].recv()["type"], "ack");
+    for c in clients.iter_mut().skip(1) {
+        assert_eq!(c.recv()["message"], "over one queue");
+    }
+}
