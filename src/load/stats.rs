@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
+use crate::protocol::ErrorCode;
+
 /// Latencies are recorded in nanoseconds up to ten minutes (a message can wait through five
 /// retries and their ack timeouts), with 3 significant digits.
 pub(crate) const HIST_MAX_NS: u64 = 600_000_000_000;
@@ -27,17 +29,10 @@ fn bucket_histogram() -> Histogram<u32> {
 
 /// How a message ended, as the per-message CSV spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub(crate) enum Outcome {
     Ok,
-    InvalidJson,
-    ValidationFailed,
-    RoomMismatch,
-    UnsupportedFrame,
-    RateLimited,
-    Unavailable,
-    Overloaded,
-    Unauthorized,
+    /// The server refused it with one of the protocol's error codes.
+    Refused(ErrorCode),
     /// An error code this tester does not know.
     OtherError,
     /// The last attempt's connection broke before an answer.
@@ -51,34 +46,10 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(crate) const ALL: [Outcome; 14] = [
-        Outcome::Ok,
-        Outcome::InvalidJson,
-        Outcome::ValidationFailed,
-        Outcome::RoomMismatch,
-        Outcome::UnsupportedFrame,
-        Outcome::RateLimited,
-        Outcome::Unavailable,
-        Outcome::Overloaded,
-        Outcome::Unauthorized,
-        Outcome::OtherError,
-        Outcome::ConnectionLost,
-        Outcome::Timeout,
-        Outcome::NoConnection,
-        Outcome::Unanswered,
-    ];
-
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "OK",
-            Outcome::InvalidJson => "INVALID_JSON",
-            Outcome::ValidationFailed => "VALIDATION_FAILED",
-            Outcome::RoomMismatch => "ROOM_MISMATCH",
-            Outcome::UnsupportedFrame => "UNSUPPORTED_FRAME",
-            Outcome::RateLimited => "RATE_LIMITED",
-            Outcome::Unavailable => "UNAVAILABLE",
-            Outcome::Overloaded => "OVERLOADED",
-            Outcome::Unauthorized => "UNAUTHORIZED",
+            Outcome::Refused(code) => code.as_str(),
             Outcome::OtherError => "ERROR",
             Outcome::ConnectionLost => "CONNECTION_LOST",
             Outcome::Timeout => "TIMEOUT",
@@ -89,11 +60,10 @@ impl Outcome {
 
     /// The outcome for a server error code.
     pub(crate) fn from_code(code: &str) -> Outcome {
-        Outcome::ALL[1..10]
-            .iter()
-            .copied()
-            .find(|o| o.as_str() == code)
-            .unwrap_or(Outcome::OtherError)
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == code)
+            .map_or(Outcome::OtherError, Outcome::Refused)
     }
 }
 
@@ -321,7 +291,10 @@ mod tests {
 
     #[test]
     fn outcomes_map_server_codes_and_unknown_ones() {
-        assert_eq!(Outcome::from_code("OVERLOADED"), Outcome::Overloaded);
+        assert_eq!(
+            Outcome::from_code("OVERLOADED"),
+            Outcome::Refused(ErrorCode::Overloaded)
+        );
         assert_eq!(Outcome::from_code("OK"), Outcome::OtherError);
         assert_eq!(Outcome::from_code("NEW_THING"), Outcome::OtherError);
         assert_eq!(Outcome::from_code("TIMEOUT"), Outcome::OtherError);
