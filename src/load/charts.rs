@@ -19,18 +19,46 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// The largest x (`axis` 0) or y (`axis` 1) over every line, and at least `floor`.
+fn max_of(lines: &[(String, Vec<(f64, f64)>)], axis: usize, floor: f64) -> f64 {
+    lines
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(move |p| if axis == 0 { p.0 } else { p.1 }))
+        .fold(floor, f64::max)
+}
+
+/// One coloured line per series with its legend entry, then the legend box.
+fn draw_lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    lines: &[(String, Vec<(f64, f64)>)],
+    legend_at: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(legend_at)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
 /// msg/s per second of the run, one line per phase.
 pub(crate) fn throughput(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
-    let x_max = series
-        .iter()
-        .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
-        .fold(1.0f64, f64::max)
-        .ceil();
-    let y_max = series
-        .iter()
-        .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
-        .fold(1.0f64, f64::max)
-        * 1.1;
+    let x_max = max_of(series, 0, 1.0).ceil();
+    let y_max = max_of(series, 1, 1.0) * 1.1;
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -47,21 +75,7 @@ pub(crate) fn throughput(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> a
         .y_label_formatter(&|v| super::report::thousands(v.max(0.0) as u64))
         .draw()
         .map_err(err)?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(err)?;
+    draw_lines(&mut chart, series, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)?;
     Ok(())
 }
@@ -72,16 +86,8 @@ pub(crate) fn latency_percentiles(
     path: &Path,
     curves: &[(String, Vec<(f64, f64)>)],
 ) -> anyhow::Result<()> {
-    let x_max = curves
-        .iter()
-        .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
-        .fold(10.0f64, f64::max)
-        .max(100.0);
-    let y_max = curves
-        .iter()
-        .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
-        .fold(0.001f64, f64::max)
-        * 1.1;
+    let x_max = max_of(curves, 0, 100.0);
+    let y_max = max_of(curves, 1, 0.001) * 1.1;
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -98,21 +104,7 @@ pub(crate) fn latency_percentiles(
         .x_label_formatter(&|v| percentile_label(*v))
         .draw()
         .map_err(err)?;
-    for (i, (name, pts)) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(err)?;
+    draw_lines(&mut chart, curves, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(err)?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use std::io::IsTerminal as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -640,15 +640,7 @@ fn run_phase(
 ) -> anyhow::Result<PhaseResult> {
     let spec = plan.spec.clone();
     let threads = spec.threads;
-    let shared = Arc::new(PhaseShared {
-        clock: clock.clone(),
-        start_ns: AtomicU64::new(u64::MAX),
-        ready: AtomicUsize::new(0),
-        done_sending: AtomicUsize::new(0),
-        exited: AtomicUsize::new(0),
-        abort: AtomicBool::new(false),
-        progress: Default::default(),
-    });
+    let shared = Arc::new(PhaseShared::new(clock.clone()));
 
     // Route each room's messages to the threads holding a sending connection in it.
     let mut by_room: Vec<Vec<usize>> = vec![Vec::new(); spec.rooms.len()];
@@ -965,15 +957,7 @@ mod tests {
 
     #[test]
     fn a_load_thread_that_panics_aborts_the_phase_and_is_counted() {
-        let shared = Arc::new(PhaseShared {
-            clock: Arc::new(RunClock::new()),
-            start_ns: AtomicU64::new(u64::MAX),
-            ready: AtomicUsize::new(0),
-            done_sending: AtomicUsize::new(0),
-            exited: AtomicUsize::new(0),
-            abort: AtomicBool::new(false),
-            progress: Default::default(),
-        });
+        let shared = Arc::new(PhaseShared::new(Arc::new(RunClock::new())));
         let guard = ExitGuard(shared.clone());
         let ok = ExitGuard(shared.clone());
         drop(ok);

@@ -134,6 +134,21 @@ pub(crate) struct PhaseShared {
     pub progress: Progress,
 }
 
+impl PhaseShared {
+    /// A phase that has not started: no thread ready, done or exited.
+    pub(crate) fn new(clock: Arc<RunClock>) -> PhaseShared {
+        PhaseShared {
+            clock,
+            start_ns: AtomicU64::new(u64::MAX),
+            ready: AtomicUsize::new(0),
+            done_sending: AtomicUsize::new(0),
+            exited: AtomicUsize::new(0),
+            abort: AtomicBool::new(false),
+            progress: Default::default(),
+        }
+    }
+}
+
 /// A chunk of per-message rows on its way to the CSV writer.
 pub(crate) struct RecordChunk {
     pub rooms: Arc<Vec<String>>,
