@@ -18,3 +18,4 @@ pub mod notify;
 pub mod protocol;
 pub mod reactor;
 pub mod server;
+pub mod store;

@@ -1,6 +1,8 @@
 //! Test support: a server per test on a free port, and small blocking clients.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
