@@ -34,11 +34,16 @@ impl TestDb {
             .to_lowercase();
         let name = format!("cf_{}_{n}_{tag}", std::process::id());
         let mut admin = admin_client();
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
-            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e:?}"));
+        // Two statements, two round trips: DROP/CREATE DATABASE cannot run in the implicit
+        // transaction of a multi-statement query.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("cannot create test database {name}: {e:?}"));
+        }
         TestDb {
             url: format!("{}/{name}", server_url()),
             name,

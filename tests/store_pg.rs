@@ -1,0 +1,334 @@
+//! What only the PostgreSQL store does: concurrent migrations, SQLSTATE classification, the
+//! staging insert's deduplication, failing fast, and recovering from a lost connection.
+//!
+//! Each test has a database of its own (`util::pg::TestDb`). The behaviour every backend
+//! shares is in `tests/store.rs`.
+
+mod util;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use chatflow::protocol::MessageType;
+use chatflow::store::postgres::PgStore;
+use chatflow::store::{DeadLetter, Record, Store, StoreError, Take, Window};
+use time::OffsetDateTime;
+use util::pg::TestDb;
+use uuid::Uuid;
+
+/// 2024-01-01T00:00:00Z, a whole minute.
+const BASE: i64 = 1_704_067_200;
+
+fn at(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(BASE + secs).expect("valid time")
+}
+
+fn record(id: u128, room: &str, user: i32, text: &str, secs: i64) -> Record {
+    Record {
+        message_id: Uuid::from_u128(id),
+        room_id: Arc::from(room),
+        user_id: user,
+        username: format!("user{user}"),
+        message: text.to_string(),
+        message_type: MessageType::Text,
+        client_ts: at(secs),
+        server_ts: at(secs),
+        node_id: Arc::from("node-a"),
+    }
+}
+
+fn open(db: &TestDb) -> PgStore {
+    let store = PgStore::open(&db.url, 4).expect("store opens");
+    store.migrate().expect("schema migrates");
+    store
+}
+
+fn everything() -> Window {
+    Window {
+        start: at(-3600),
+        end: at(3600),
+    }
+}
+
+fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .query_one(sql, &[])
+        .expect("count query runs")
+        .get(0)
+}
+
+#[test]
+fn migrating_twice_and_from_two_nodes_at_once_gives_one_schema() {
+    let db = TestDb::new("migrate");
+    let url = Arc::new(db.url.clone());
+    let start = Arc::new(Barrier::new(2));
+    let nodes: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || {
+                let store = PgStore::open(&url, 2).expect("store opens");
+                start.wait();
+                store.migrate()
+            })
+        })
+        .collect();
+    for node in nodes {
+        node.join().expect("thread").expect("concurrent migrate");
+    }
+    let store = open(&db);
+    store.migrate().expect("migrating again is a no-op");
+
+    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 1);
+    assert_eq!(
+        count(&db, "SELECT max(version)::bigint FROM schema_version"),
+        1
+    );
+    let mut w = store.writer().expect("writer");
+    assert_eq!(w.write(&[record(1, "r", 1, "hi", 0)]), Ok(1));
+}
+
+#[test]
+fn a_nul_character_is_refused_with_its_sqlstate_and_can_be_dead_lettered() {
+    let db = TestDb::new("nul");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    let bad = record(1, "r", 7, "before\0after", 5);
+
+    let err = w
+        .write(&[record(2, "r", 7, "fine", 4), bad.clone()])
+        .expect_err("PostgreSQL text cannot hold NUL");
+    let StoreError::Refused(why) = &err else {
+        panic!("expected Refused, got {err:?}");
+    };
+    assert!(
+        why.contains("SQLSTATE 22"),
+        "no data-exception class in {why:?}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM messages"),
+        0,
+        "batch is all or nothing"
+    );
+
+    // The writer's connection is usable after the refusal.
+    assert_eq!(w.write(&[record(2, "r", 7, "fine", 4)]), Ok(1));
+
+    w.dead_letter(&[DeadLetter {
+        record: bad.clone(),
+        reason: why.clone(),
+    }])
+    .expect("dead letter is stored");
+    let mut r = store.reader().expect("reader");
+    let letters = r.dead_letters(10).expect("dead letters read");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].record, bad,
+        "the message comes back byte for byte"
+    );
+    assert_eq!(&letters[0].reason, why);
+}
+
+#[test]
+fn a_nul_in_a_text_column_of_a_dead_letter_is_replaced_not_lost() {
+    let db = TestDb::new("nul_name");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    let mut bad = record(1, "r", 7, "text", 5);
+    bad.username = "a\0b".into();
+    w.dead_letter(&[DeadLetter {
+        record: bad,
+        reason: "refused".into(),
+    }])
+    .expect("dead letter is stored");
+    let letters = store
+        .reader()
+        .expect("reader")
+        .dead_letters(10)
+        .expect("read");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].record.username, "a\u{FFFD}b");
+}
+
+#[test]
+fn a_message_id_repeated_within_and_across_batches_is_stored_and_counted_once() {
+    let db = TestDb::new("dedupe");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+
+    let a = record(1, "r1", 7, "a", 10);
+    let b = record(2, "r1", 7, "b", 20);
+    let c = record(3, "r2", 8, "c", 70);
+    assert_eq!(w.write(&[a.clone(), a.clone(), b.clone()]), Ok(2));
+    assert_eq!(w.write(&[a.clone(), c.clone(), b.clone()]), Ok(1));
+    assert_eq!(w.write(std::slice::from_ref(&c)), Ok(0));
+
+    assert_eq!(count(&db, "SELECT count(*) FROM messages"), 3);
+    for rollup in ["room_minute", "user_minute", "type_minute", "user_rooms"] {
+        assert_eq!(
+            count(&db, &format!("SELECT sum(messages)::bigint FROM {rollup}")),
+            3,
+            "{rollup} counts each message once"
+        );
+    }
+    let mut r = store.reader().expect("reader");
+    let rooms = r.user_rooms(7).expect("user rooms");
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(rooms[0].message_count, 2);
+    assert_eq!(rooms[0].first_activity, at(10));
+    assert_eq!(rooms[0].last_activity, at(20));
+    let stats = r.analytics(everything(), 10).expect("analytics");
+    assert_eq!(stats.total, 3);
+    assert_eq!(stats.top_users, vec![(7, 2), (8, 1)]);
+    let history = r
+        .room_messages("r1", everything(), 10, Take::First)
+        .expect("history");
+    assert_eq!(history, vec![a, b]);
+}
+
+/// Every rollup table of `db`, as text, in key order.
+fn rollups(db: &TestDb) -> Vec<String> {
+    let mut client = db.client();
+    ["room_minute", "user_minute", "type_minute", "user_rooms"]
+        .iter()
+        .map(|table| {
+            client
+                .query_one(
+                    &format!("SELECT string_agg(t::text, ' ' ORDER BY t::text) FROM {table} t"),
+                    &[],
+                )
+                .expect("rollup query runs")
+                .get(0)
+        })
+        .collect()
+}
+
+#[test]
+fn fresh_batches_and_batches_with_stored_ids_give_the_same_rollups() {
+    // New ids only: COPY straight into messages, counts summed by the writer. A repeated id:
+    // through staging, counts summed by PostgreSQL. Minutes, first and last must agree,
+    // sub-microsecond and non-UTC times included.
+    let mut batch = Vec::new();
+    for i in 0..60u8 {
+        let mut r = record(
+            u128::from(i) + 1,
+            ["a", "b", "Z"][usize::from(i % 3)],
+            i32::from(i % 4),
+            "m",
+            i64::from(i) * 7,
+        );
+        r.server_ts += time::Duration::nanoseconds(i64::from(i) * 16_666_667);
+        r.message_type =
+            [MessageType::Text, MessageType::Join, MessageType::Leave][usize::from(i % 3)];
+        if i % 5 == 0 {
+            r.server_ts = r
+                .server_ts
+                .to_offset(time::UtcOffset::from_hms(5, 30, 0).expect("offset"));
+        }
+        batch.push(r);
+    }
+    let direct = TestDb::new("direct");
+    let mut w = open(&direct).writer().expect("writer");
+    assert_eq!(w.write(&batch), Ok(60));
+
+    let staged = TestDb::new("staged");
+    let mut w = open(&staged).writer().expect("writer");
+    let mut repeated = batch.clone();
+    repeated.push(batch[0].clone());
+    assert_eq!(w.write(&repeated), Ok(60));
+
+    assert_eq!(rollups(&direct), rollups(&staged));
+}
+
+#[test]
+fn open_fails_fast_when_nothing_listens() {
+    let started = Instant::now();
+    let result = PgStore::open("postgres://chat:s3cret@127.0.0.1:1/chatflow", 4);
+    let elapsed = started.elapsed();
+    let Err(StoreError::Unavailable(why)) = result else {
+        panic!("expected Unavailable");
+    };
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    assert!(why.contains("127.0.0.1:1"), "URL not named in {why:?}");
+    assert!(!why.contains("s3cret"), "password leaked in {why:?}");
+}
+
+/// Ends every session on the test database except the caller's.
+fn terminate_sessions(db: &TestDb) -> i64 {
+    count(
+        db,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            db.name
+        ),
+    )
+}
+
+#[test]
+fn a_reader_recovers_after_its_connection_is_terminated() {
+    let db = TestDb::new("reader_restart");
+    let store = open(&db);
+    store
+        .writer()
+        .expect("writer")
+        .write(&[record(1, "r", 1, "hi", 0)])
+        .expect("write");
+    let mut r = store.reader().expect("reader");
+    r.ping().expect("ping");
+    assert!(
+        terminate_sessions(&db) > 0,
+        "the pool's connections were open"
+    );
+
+    // One failure is allowed (the connection was lost); the next call must work.
+    if r.ping().is_err() {
+        r.ping().expect("second ping after a lost connection");
+    }
+    let history = r
+        .room_messages("r", everything(), 10, Take::Last)
+        .expect("history after reconnecting");
+    assert_eq!(history.len(), 1);
+}
+
+#[test]
+fn a_writer_recovers_after_its_connection_is_terminated() {
+    let db = TestDb::new("writer_restart");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    assert_eq!(w.write(&[record(1, "r", 1, "one", 0)]), Ok(1));
+    assert!(
+        terminate_sessions(&db) > 0,
+        "the writer's connection was open"
+    );
+
+    let second = [record(2, "r", 1, "two", 1)];
+    match w.write(&second) {
+        Ok(n) => assert_eq!(n, 1),
+        Err(StoreError::Unavailable(_)) => assert_eq!(w.write(&second), Ok(1)),
+        Err(e) => panic!("a lost connection is not a refusal: {e:?}"),
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM messages"), 2);
+}
+
+#[test]
+fn an_unknown_message_type_in_the_database_is_an_error_not_a_panic() {
+    let db = TestDb::new("bad_type");
+    let store = open(&db);
+    store
+        .writer()
+        .expect("writer")
+        .write(&[record(1, "r", 1, "hi", 0)])
+        .expect("write");
+    db.client()
+        .batch_execute("UPDATE messages SET message_type = 9")
+        .expect("corrupt the row");
+    let mut r = store.reader().expect("reader");
+    let err = r
+        .room_messages("r", everything(), 10, Take::First)
+        .expect_err("type 9 is unknown");
+    assert!(
+        matches!(&err, StoreError::Unavailable(why) if why.contains("message_type 9")),
+        "{err:?}"
+    );
+    r.ping().expect("the reader still works");
+}
