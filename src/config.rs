@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The store used when none is configured: the embedded SQLite database.
+pub const DEFAULT_STORE: &str = "sqlite:./chatflow-data/chatflow.db";
+
 /// When the sender's ack is sent (see the protocol contract §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,8 +35,36 @@ pub struct Config {
     pub node_id: String,
     /// Message bus: `local` (in-process, one node). Default `local`.
     pub bus: String,
-    /// When acks are sent: `received` or `published`. Default `published`.
+    /// When acks are sent: `received`, `published` or `persisted`. Default `published`.
     pub ack_after: AckAfter,
+    /// Where messages are stored: `sqlite:PATH`, `postgres://...` or `memory`.
+    /// Default `sqlite:./chatflow-data/chatflow.db`.
+    pub store: String,
+    /// Store writer threads (SQLite uses one). Default 2.
+    pub writer_threads: usize,
+    /// Most messages in one write batch. Default 1000.
+    pub writer_batch_max: usize,
+    /// Longest a batch waits for more messages after its first, milliseconds. Default 5.
+    pub writer_batch_max_age_ms: u64,
+    /// Messages waiting for the writers before senders are refused. Default 100000.
+    pub writer_queue_messages: usize,
+    /// Consecutive failed writes that open the store's circuit breaker. Default 3.
+    pub store_breaker_failures: u32,
+    /// Longest pause between retries of a failed write, milliseconds. Default 5000.
+    pub store_retry_max_ms: u64,
+    /// With `ack_after = persisted`: longest a sender waits for the commit before it gets
+    /// `UNAVAILABLE`, milliseconds. Default 10000.
+    pub persist_timeout_ms: u64,
+    /// Threads answering `/api/*` queries. Default 2.
+    pub query_threads: usize,
+    /// Queries waiting for a thread before new ones get 503. Default 256.
+    pub query_queue: usize,
+    /// Longest a query may wait for a thread, and for its answer, milliseconds. Default 10000.
+    pub query_timeout_ms: u64,
+    /// Most PostgreSQL connections; 0 means writers + query threads + 1. Default 0.
+    pub store_pool_size: u32,
+    /// Most messages the memory store keeps (the oldest are dropped). Default 1000000.
+    pub memory_store_max_rows: usize,
     /// Most open connections (all states) for the whole process. Default 10000.
     pub max_connections: usize,
     /// Largest WebSocket message accepted, bytes; larger closes with 1009. Default 65536.
@@ -97,6 +128,19 @@ impl Default for Config {
             node_id: String::new(),
             bus: "local".into(),
             ack_after: AckAfter::Published,
+            store: DEFAULT_STORE.into(),
+            writer_threads: 2,
+            writer_batch_max: 1000,
+            writer_batch_max_age_ms: 5,
+            writer_queue_messages: 100_000,
+            store_breaker_failures: 3,
+            store_retry_max_ms: 5000,
+            persist_timeout_ms: 10_000,
+            query_threads: 2,
+            query_queue: 256,
+            query_timeout_ms: 10_000,
+            store_pool_size: 0,
+            memory_store_max_rows: 1_000_000,
             max_connections: 10_000,
             max_message_bytes: 64 * 1024,
             read_buffer_bytes: 4096,
@@ -227,8 +271,45 @@ impl Config {
                 self.bus
             ));
         }
-        if self.ack_after == AckAfter::Persisted {
-            return fail("ack_after = \"persisted\" needs a store, and this build has none".into());
+        let store_ok = self.store == "memory"
+            || self
+                .store
+                .strip_prefix("sqlite:")
+                .is_some_and(|p| !p.is_empty())
+            || self.store.starts_with("postgres://")
+            || self.store.starts_with("postgresql://");
+        if !store_ok {
+            return fail(format!(
+                "store {:?} is not one of sqlite:PATH, postgres://USER@HOST:PORT/DB or memory",
+                crate::store::redact(&self.store)
+            ));
+        }
+        if self.writer_threads == 0 || self.query_threads == 0 {
+            return fail("writer_threads and query_threads must be at least 1".into());
+        }
+        if !(1..=100_000).contains(&self.writer_batch_max) {
+            return fail("writer_batch_max must be between 1 and 100000".into());
+        }
+        if self.writer_batch_max_age_ms > 60_000 {
+            return fail("writer_batch_max_age_ms must be at most 60000".into());
+        }
+        if self.writer_queue_messages < self.writer_batch_max {
+            return fail("writer_queue_messages must be at least writer_batch_max".into());
+        }
+        if self.store_breaker_failures == 0 || self.query_queue == 0 {
+            return fail("store_breaker_failures and query_queue must be at least 1".into());
+        }
+        if self.persist_timeout_ms == 0
+            || self.query_timeout_ms == 0
+            || self.store_retry_max_ms == 0
+        {
+            return fail(
+                "persist_timeout_ms, query_timeout_ms and store_retry_max_ms must be above 0"
+                    .into(),
+            );
+        }
+        if self.memory_store_max_rows == 0 {
+            return fail("memory_store_max_rows must be at least 1".into());
         }
         if self.max_connections == 0 {
             return fail("max_connections must be at least 1".into());
@@ -385,6 +466,41 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout_ms)
     }
 
+    /// `query_timeout_ms` as a duration.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
+    }
+
+    /// `persist_timeout_ms` as a duration.
+    pub fn persist_timeout(&self) -> Duration {
+        Duration::from_millis(self.persist_timeout_ms)
+    }
+
+    /// The store's backend settings.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        let auto = (self.writer_threads + self.query_threads + 1).min(u32::MAX as usize) as u32;
+        crate::store::StoreOptions {
+            pool_size: if self.store_pool_size == 0 {
+                auto
+            } else {
+                self.store_pool_size
+            },
+            memory_max_rows: self.memory_store_max_rows,
+        }
+    }
+
+    /// The writer pool's settings.
+    pub fn writer_options(&self) -> crate::store::writer::WriterOptions {
+        crate::store::writer::WriterOptions {
+            threads: self.writer_threads,
+            batch_max: self.writer_batch_max,
+            batch_max_age: Duration::from_millis(self.writer_batch_max_age_ms),
+            queue_capacity: self.writer_queue_messages,
+            breaker_failures: self.store_breaker_failures,
+            retry_max: Duration::from_millis(self.store_retry_max_ms),
+        }
+    }
+
     /// The effective configuration as TOML, for `check-config` and the start-up log.
     /// Secrets are shown as `<redacted>`: this text goes to terminals and logs.
     pub fn to_toml(&self) -> String {
@@ -396,6 +512,7 @@ impl Config {
         if !c.auth_secret.is_empty() {
             c.auth_secret = "<redacted>".into();
         }
+        c.store = crate::store::redact(&c.store);
         c
     }
 }

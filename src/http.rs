@@ -39,11 +39,11 @@ pub enum Route {
         /// The `token` query parameter.
         token: Option<String>,
     },
-    /// A query route that needs a store. `room` is set for the room-scoped one
-    /// (`/api/rooms/{id}/messages`), which the chat page uses; the others are operator routes.
-    NeedsStore {
-        /// The room of a room-scoped route.
-        room: Option<String>,
+    /// A history or analytics query for the store. A room's history (which the chat page
+    /// uses) follows the room's token; the others are operator routes.
+    Api {
+        /// What to ask.
+        query: crate::store::query::ApiQuery,
         /// The `token` query parameter.
         token: Option<String>,
     },
@@ -233,7 +233,7 @@ pub fn route(
         [""] | ["dashboard"] | ["health"] | ["ready"] | ["metrics"] => wrong_method(),
         ["api", rest @ ..] => {
             let token = crate::auth::query_param(query, "token").map(str::to_string);
-            api_route(rest, get, token, wrong_method)
+            api_route(rest, query, get, token, wrong_method)
         }
         _ => Route::Error(Status::NotFound, format!("no route for {path}")),
     }
@@ -241,54 +241,25 @@ pub fn route(
 
 fn api_route(
     rest: &[&str],
+    query: &str,
     get: bool,
     token: Option<String>,
     wrong_method: impl Fn() -> Route,
 ) -> Route {
-    const BAD_ROOM: &str = "roomId must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'";
-    const BAD_USER: &str = "userId must be an integer between 1 and 100000";
-    let valid_user = |u: &str| {
-        !u.is_empty()
-            && u.len() <= 6
-            && u.bytes().all(|b| b.is_ascii_digit())
-            && u.parse::<u32>()
-                .is_ok_and(|n| (1..=crate::protocol::MAX_USER_ID).contains(&n))
-    };
-    let (bad_param, route) = match rest {
-        ["rooms", room, "presence"] => (
-            (!is_valid_id(room)).then_some(BAD_ROOM),
-            Route::Presence {
+    let parsed = crate::store::query::parse(rest, query);
+    if !get && !matches!(parsed, Err((Status::NotFound, _))) {
+        return wrong_method();
+    }
+    match parsed {
+        Ok(None) => match rest {
+            [_, room, _] => Route::Presence {
                 room: (*room).to_string(),
                 token,
             },
-        ),
-        ["rooms", room, "messages"] => (
-            (!is_valid_id(room)).then_some(BAD_ROOM),
-            Route::NeedsStore {
-                room: Some((*room).to_string()),
-                token,
-            },
-        ),
-        ["users", user, "messages" | "rooms"] => (
-            (!valid_user(user)).then_some(BAD_USER),
-            Route::NeedsStore { room: None, token },
-        ),
-        ["active-users"] | ["analytics"] | ["metrics"] => {
-            (None, Route::NeedsStore { room: None, token })
-        }
-        _ => {
-            return Route::Error(
-                Status::NotFound,
-                format!("no route for /api/{}", rest.join("/")),
-            );
-        }
-    };
-    if !get {
-        return wrong_method();
-    }
-    match bad_param {
-        Some(message) => Route::Error(Status::BadRequest, message.into()),
-        None => route,
+            _ => Route::Error(Status::NotFound, "no such route".into()),
+        },
+        Ok(Some(query)) => Route::Api { query, token },
+        Err((status, message)) => Route::Error(status, message),
     }
 }
 
@@ -333,6 +304,7 @@ pub fn upgrade_response(accept: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::query::ApiQuery;
 
     fn head(text: &str) -> Route {
         match parse_head(text.as_bytes()) {
@@ -415,15 +387,24 @@ mod tests {
         );
         assert!(matches!(
             get("/api/rooms/7/messages?limit=5"),
-            Route::NeedsStore { room: Some(_), .. }
+            Route::Api {
+                query: ApiQuery::RoomMessages { limit: 5, .. },
+                ..
+            }
         ));
         assert!(matches!(
             get("/api/users/5/rooms"),
-            Route::NeedsStore { room: None, .. }
+            Route::Api {
+                query: ApiQuery::UserRooms { user: 5 },
+                ..
+            }
         ));
         assert!(matches!(
             get("/api/active-users"),
-            Route::NeedsStore { room: None, .. }
+            Route::Api {
+                query: ApiQuery::ActiveUsers { .. },
+                ..
+            }
         ));
         assert!(matches!(
             get("/api/nope"),
@@ -446,7 +427,10 @@ mod tests {
         }
         assert!(matches!(
             get("/api/users/100000/rooms"),
-            Route::NeedsStore { room: None, .. }
+            Route::Api {
+                query: ApiQuery::UserRooms { user: 100000 },
+                ..
+            }
         ));
         assert!(matches!(
             head("HEAD /chat/7 HTTP/1.1\r\n\r\n"),

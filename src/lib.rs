@@ -13,6 +13,7 @@ pub mod chat;
 pub mod config;
 pub mod http;
 pub mod load;
+pub mod mailbox;
 pub mod metrics;
 pub mod notify;
 pub mod protocol;

@@ -30,6 +30,15 @@ enum Command {
     Token(TokenArgs),
     /// Load-test a server speaking the ChatFlow protocol and report msg/s and latency.
     Load(chatflow::load::LoadArgs),
+    /// Create or upgrade the store's schema and exit (serve also does this at start).
+    Migrate {
+        /// sqlite:PATH or postgres://USER@HOST:PORT/DATABASE [default: the config's store].
+        #[arg(long)]
+        store: Option<String>,
+        /// TOML config file to take the store from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -66,9 +75,13 @@ struct ServeArgs {
     /// Message bus: local [default: local].
     #[arg(long)]
     bus: Option<String>,
-    /// When to ack: received or published [default: published].
+    /// When to ack: received, published or persisted [default: published].
     #[arg(long, value_parser = parse_ack_after)]
     ack_after: Option<AckAfter>,
+    /// Where messages are stored: sqlite:PATH, postgres://USER@HOST:PORT/DB or memory
+    /// [default: sqlite:./chatflow-data/chatflow.db].
+    #[arg(long)]
+    store: Option<String>,
     /// Node name for /health and metrics [default: host name].
     #[arg(long)]
     node_id: Option<String>,
@@ -91,6 +104,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Token(args) => token(args),
         Command::Load(args) => chatflow::load::run(args),
+        Command::Migrate { store, config } => migrate(store, config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,12 +130,32 @@ fn load(file: Option<&std::path::Path>, args: Option<&ServeArgs>) -> anyhow::Res
         if let Some(v) = a.ack_after {
             config.ack_after = v;
         }
+        if let Some(v) = &a.store {
+            config.store = v.clone();
+        }
         if let Some(v) = &a.node_id {
             config.node_id = v.clone();
         }
         config.validate()?;
     }
     Ok(config)
+}
+
+fn migrate(store: Option<String>, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut config = load(file, None)?;
+    if let Some(s) = store {
+        config.store = s;
+    }
+    config.validate()?;
+    let shown = chatflow::store::redact(&config.store);
+    let opened = chatflow::store::open(&config.store, &config.store_options())
+        .with_context(|| format!("migrating {shown}"))?;
+    println!(
+        "{shown}: schema is at version {}",
+        chatflow::store::SCHEMA_VERSION
+    );
+    drop(opened);
+    Ok(())
 }
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {

@@ -482,3 +482,68 @@ mod tests {
         }
     }
 }
+
+/// A Prometheus histogram shared by several threads (the writers, the query pool).
+#[derive(Default)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations at or below each bound (not cumulative; summed when rendered).
+    counts: Box<[AtomicU64]>,
+    /// Observations above the last bound.
+    over: AtomicU64,
+    /// The sum of observations, as f64 bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with these upper bounds (ascending).
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            over: AtomicU64::new(0),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    /// Records one value.
+    pub fn observe(&self, v: f64) {
+        match self.bounds.iter().position(|&b| v <= b) {
+            Some(i) => self.counts[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        let mut old = self.sum.load(Relaxed);
+        loop {
+            let new = (f64::from_bits(old) + v).to_bits();
+            match self.sum.compare_exchange_weak(old, new, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(now) => old = now,
+            }
+        }
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum::<u64>() + self.over.load(Relaxed)
+    }
+
+    /// Appends the histogram's family in the text exposition format.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        family(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(self.counts.iter()) {
+            cumulative += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.over.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum.load(Relaxed)));
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Appends one family with a single unlabelled sample.
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
@@ -15,8 +15,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::bus::{Inbox, LocalBus};
 use crate::chat::Presence;
 use crate::config::Config;
+use crate::mailbox::Mailbox;
 use crate::metrics::SharedStats;
-use crate::reactor::{Reactor, Shared, WAKER};
+use crate::reactor::{Reactor, Shared, StoreHandle, WAKER};
+use crate::store::query::QueryPool;
+use crate::store::writer::WriterPool;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,14 @@ pub enum StartError {
     /// The configuration could not be turned into a running server (e.g. an unreadable secret).
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The store could not be opened or migrated.
+    #[error("cannot open the store {spec}: {source}")]
+    Store {
+        /// The store, password redacted.
+        spec: String,
+        /// Why.
+        source: crate::store::StoreError,
+    },
     /// Setting up a poll, waker or thread failed.
     #[error("cannot start reactor {reactor}: {source}")]
     Reactor {
@@ -46,6 +57,7 @@ pub enum StartError {
 pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    writers: WriterPool,
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
 }
@@ -79,19 +91,51 @@ impl Server {
                 source,
             })?;
 
+        let store_fail = |source| StartError::Store {
+            spec: crate::store::redact(&config.store),
+            source,
+        };
+        let store =
+            crate::store::open(&config.store, &config.store_options()).map_err(store_fail)?;
+
         let mut polls = Vec::with_capacity(reactors);
         let mut inboxes = Vec::with_capacity(reactors);
+        let mut mailboxes = Vec::with_capacity(reactors);
         let mut receivers = Vec::with_capacity(reactors);
+        // Each reactor's mailbox holds what its writers and query threads can have for it at
+        // once: a completion list per batch and an answer per queued query.
+        let mailbox_capacity =
+            config.writer_threads * 4 + config.query_queue + config.query_threads;
         for reactor in 0..reactors {
             let fail = |source| StartError::Reactor { reactor, source };
             let poll = Poll::new().map_err(fail)?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(fail)?);
-            let (inbox, rx) = Inbox::new(config.reactor_queue_batches, waker);
+            let (inbox, rx) = Inbox::new(config.reactor_queue_batches, waker.clone());
+            let (mailbox, replies) = Mailbox::new(mailbox_capacity, waker);
             polls.push(poll);
             inboxes.push(inbox);
-            receivers.push(rx);
+            mailboxes.push(mailbox);
+            receivers.push((rx, replies));
         }
         let inboxes: Arc<[Inbox]> = inboxes.into();
+        let mailboxes: Arc<[Mailbox]> = mailboxes.into();
+        let writers = WriterPool::start(&store, &config.writer_options(), mailboxes.clone())
+            .map_err(store_fail)?;
+        let queries = QueryPool::start(
+            &store,
+            config.query_threads,
+            config.query_queue,
+            config.query_timeout(),
+            mailboxes.clone(),
+        )
+        .map_err(store_fail)?;
+        log::info!(
+            "store {} ({}), {} writer(s), ack after {:?}",
+            crate::store::redact(&config.store),
+            store.kind(),
+            config.writer_threads.min(store.max_writers()),
+            config.ack_after
+        );
         let shared = Arc::new(Shared {
             node_id: config.resolved_node_id(),
             presence: Presence::new(config.max_presence_entries),
@@ -99,8 +143,14 @@ impl Server {
                 .map(|_| Arc::new(SharedStats::default()))
                 .collect(),
             bus: Box::new(LocalBus::new(inboxes.clone())),
+            store: StoreHandle {
+                kind: store.kind(),
+                queue: writers.queue(),
+                queries,
+            },
             auth_key,
             inboxes,
+            mailboxes,
             draining: AtomicBool::new(false),
             started: Instant::now(),
             config,
@@ -108,10 +158,10 @@ impl Server {
 
         let mut threads = Vec::with_capacity(reactors);
         let parts = polls.into_iter().zip(listeners).zip(receivers).enumerate();
-        for (id, ((poll, listener), rx)) in parts {
+        for (id, ((poll, listener), (rx, replies))) in parts {
             let admin = if id == 0 { admin_listener.take() } else { None };
-            let started =
-                Reactor::new(id, poll, listener, admin, rx, shared.clone()).and_then(|r| {
+            let started = Reactor::new(id, poll, listener, admin, rx, replies, shared.clone())
+                .and_then(|r| {
                     std::thread::Builder::new()
                         .name(format!("reactor-{id}"))
                         .spawn(move || r.run())
@@ -124,6 +174,7 @@ impl Server {
                     for t in threads {
                         let _ = t.join();
                     }
+                    writers.close(Duration::ZERO);
                     return Err(StartError::Reactor {
                         reactor: id,
                         source,
@@ -141,6 +192,7 @@ impl Server {
         Ok(Server {
             shared,
             threads,
+            writers,
             local_addr,
             admin_addr,
         })
@@ -171,13 +223,15 @@ impl Server {
         self.shared.render_metrics()
     }
 
-    /// Waits for every reactor to finish its drain.
+    /// Waits for every reactor to finish its drain, then for the writers to store what is
+    /// queued (retrying an unreachable store for at most `shutdown_timeout_ms` more).
     pub fn join(self) {
         for t in self.threads {
             if t.join().is_err() {
                 log::error!("a reactor thread panicked");
             }
         }
+        self.writers.close(self.shared.config.shutdown_timeout());
     }
 }
 

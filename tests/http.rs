@@ -2,6 +2,7 @@
 
 mod util;
 
+use serde_json::{Value, json};
 use util::{TestServer, http};
 
 #[test]
@@ -112,17 +113,67 @@ fn errors_are_one_line_json_with_the_right_status() {
 }
 
 #[test]
-fn query_routes_answer_503_until_a_store_is_configured() {
+fn query_routes_answer_json_and_bad_parameters_get_400() {
     let s = TestServer::start(|_| {});
     for path in [
         "/api/rooms/7/messages?start=2026-01-01T00:00:00Z&end=2026-01-02T00:00:00Z",
         "/api/users/5/messages",
         "/api/users/5/rooms",
-        "/api/active-users",
-        "/api/analytics",
-        "/api/metrics",
     ] {
-        assert_json_error(&s.get(path), 503);
+        let r = s.get(path);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.json(), json!([]), "{path}: an empty store has nothing");
+    }
+    assert_eq!(s.get("/api/active-users").json()["count"], 0);
+    assert_eq!(s.get("/api/analytics").json()["totalMessages"], 0);
+    assert_eq!(s.get("/api/metrics").json()["roomId"], Value::Null);
+    for (path, complaint) in [
+        (
+            "/api/rooms/7/messages?start=yesterday",
+            "start must be an RFC 3339",
+        ),
+        (
+            "/api/rooms/7/messages?end=2026-01-01",
+            "end must be an RFC 3339",
+        ),
+        (
+            "/api/rooms/7/messages?start=2026-01-02T00:00:00Z&end=2026-01-01T00:00:00Z",
+            "start must not be after end",
+        ),
+        (
+            "/api/rooms/7/messages?limit=0",
+            "limit must be an integer between 1 and 10000",
+        ),
+        (
+            "/api/rooms/7/messages?limit=10001",
+            "limit must be an integer between 1 and 10000",
+        ),
+        ("/api/rooms/7/messages?limit=ten", "limit must be"),
+        ("/api/rooms/7/messages?take=middle", "take must be"),
+        (
+            "/api/users/0/messages",
+            "userId must be an integer between 1 and 100000",
+        ),
+        ("/api/users/x/rooms", "userId must be"),
+        (
+            "/api/analytics?topN=0",
+            "topN must be an integer between 1 and 1000",
+        ),
+        ("/api/metrics?roomId=a.b", "roomId must be"),
+        ("/api/metrics?userId=100001", "userId must be"),
+        ("/api/active-users?start=%ZZ", "bad percent-encoding"),
+    ] {
+        let r = s.get(path);
+        assert_json_error(&r, 400);
+        let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+        assert!(error.contains(complaint), "{path}: {error}");
+    }
+    // A zone offset may come percent-encoded or with a literal plus sign.
+    for path in [
+        "/api/active-users?start=2026-01-01T00:00:00%2B02:00",
+        "/api/active-users?start=2026-01-01T00:00:00+02:00",
+    ] {
+        assert_eq!(s.get(path).status, 200, "{path}");
     }
 }
 

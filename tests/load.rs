@@ -68,7 +68,8 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn a_small_run_accounts_for_every_message_warmup_and_main_apart() {
-    let s = TestServer::start(|_| {});
+    // Acks after commit, so the store holds every acked message when the run ends.
+    let s = TestServer::start(|c| c.ack_after = chatflow::config::AckAfter::Persisted);
     let v = load(
         s.addr,
         &[
@@ -109,9 +110,12 @@ fn a_small_run_accounts_for_every_message_warmup_and_main_apart() {
     assert!(f(&v, "/littles_law/predicted_msgs_per_s") > 0.0);
     assert_eq!(n(&v, "/littles_law/concurrency"), 32);
     assert!(f(&v, "/client/load_thread_cpu_s") > 0.0);
-    // The test server has no store: /api/metrics answers 503, reported, not fatal.
-    assert_eq!(v["server_metrics"]["available"], false);
-    assert_eq!(n(&v, "/server_metrics/status"), 503);
+    // The server's own account of the run (GET /api/metrics): every message stored once.
+    assert_eq!(v["server_metrics"]["available"], true);
+    assert_eq!(
+        n(&v, "/server_metrics/body/analytics/totalMessages"),
+        2400 + n(&v, "/phases/probe/acked")
+    );
 }
 
 #[test]
@@ -145,8 +149,8 @@ fn the_command_prints_the_report_and_json_as_its_last_line() {
     assert!(stdout.contains("Part 1: throughput"), "{stdout}");
     assert!(stdout.contains("Little's Law"), "{stdout}");
     assert!(
-        stdout.contains("not available: HTTP 503"),
-        "the missing metrics API is reported: {stdout}"
+        stdout.contains("Server metrics (GET /api/metrics)") && stdout.contains("stored messages"),
+        "the server's metrics are summarised: {stdout}"
     );
     let last = stdout.lines().last().expect("output");
     let v: Value = serde_json::from_str(last).expect("the last line is JSON");

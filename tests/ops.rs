@@ -428,6 +428,8 @@ impl Server {
                 "2",
                 "--node-id",
                 "ops",
+                "--store",
+                "memory",
             ])
             .env_remove("CHATFLOW_ADMIN_LISTEN")
             .stdin(Stdio::null())
@@ -513,7 +515,17 @@ fn dashboard_queries_only_metrics_the_server_exports() {
     );
     let mut queries = Vec::new();
     exprs(&dashboard, &mut queries);
-    let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_names(q)).collect();
+    // A histogram family `x` is queried through its `x_bucket`, `x_sum` and `x_count` series.
+    let used: BTreeSet<String> = queries
+        .iter()
+        .flat_map(|q| metric_names(q))
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| n.strip_suffix(suffix))
+                .map_or(n.clone(), str::to_string)
+        })
+        .collect();
     assert!(
         !used.is_empty(),
         "the dashboard queries no chatflow_ metric"

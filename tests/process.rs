@@ -27,7 +27,7 @@ impl Proc {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!(
-                "{prefix} exec {BIN} serve --listen 127.0.0.1:0 --reactors 2 --node-id proc"
+                "{prefix} exec {BIN} serve --listen 127.0.0.1:0 --reactors 2 --node-id proc --store memory"
             ))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));

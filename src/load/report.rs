@@ -1316,7 +1316,7 @@ impl ServerMetrics {
 
     fn text(&self) -> String {
         match self {
-            ServerMetrics::Available(v) => format!("{v:#}"),
+            ServerMetrics::Available(v) => metrics_summary(v),
             ServerMetrics::NotAvailable { status, body } => {
                 let body: String = body.chars().take(300).collect();
                 format!("  not available: HTTP {status} {}", body.trim())
@@ -1324,6 +1324,52 @@ impl ServerMetrics {
             ServerMetrics::Unreachable(e) => format!("  not available: {e}"),
         }
     }
+}
+
+/// A few lines of the `/api/metrics` document for the terminal; the whole document is in
+/// `server-metrics.json`.
+fn metrics_summary(v: &Value) -> String {
+    let a = &v["analytics"];
+    let len = |k: &str| v[k].as_array().map_or(0, Vec::len);
+    let top = |k: &str, id: &str| {
+        a[k].as_array()
+            .map(|l| {
+                l.iter()
+                    .take(3)
+                    .map(|e| format!("{} ({})", e[id], e["messageCount"]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "  window {} .. {}",
+        v["window"]["start"].as_str().unwrap_or("?"),
+        v["window"]["end"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        o,
+        "  stored messages {}  ({} TEXT, {} JOIN, {} LEAVE); active users {}",
+        a["totalMessages"],
+        a["byType"]["TEXT"],
+        a["byType"]["JOIN"],
+        a["byType"]["LEAVE"],
+        v["activeUsers"]
+    );
+    let _ = writeln!(o, "  busiest rooms: {}", top("topRooms", "roomId"));
+    let _ = writeln!(o, "  busiest users: {}", top("topUsers", "userId"));
+    let _ = write!(
+        o,
+        "  room {} history: {} messages; user {} history: {} messages in {} rooms",
+        v["roomId"],
+        len("roomMessages"),
+        v["userId"],
+        len("userMessages"),
+        len("userRooms")
+    );
+    o
 }
 
 /// The most of a metrics reply we read; a larger one is cut off and reported as such.

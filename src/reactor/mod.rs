@@ -7,6 +7,7 @@
 
 mod output;
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::mem;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
@@ -28,10 +30,14 @@ pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
 use crate::auth;
 use crate::bus::{Batch, Bus, Fanout, Inbox, PublishError, Publisher};
 use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
-use crate::config::{Config, normalize_origin};
+use crate::config::{AckAfter, Config, normalize_origin};
 use crate::http::{self, Route, Status};
+use crate::mailbox::{Completion, Mailbox, Reply};
 use crate::metrics::{Disconnect, NodeGauges, ReactorStats, SharedStats};
 use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
+use crate::store::Record;
+use crate::store::query::{QueryPool, ReplyTo};
+use crate::store::writer::{Origin, Persist, StoreQueue};
 
 /// Token of the listener.
 const LISTENER: Token = Token(usize::MAX);
@@ -61,6 +67,19 @@ const HTML: &str = "text/html; charset=utf-8";
 const PRESENCE_LIST_MAX: usize = 1000;
 /// A ping frame with no payload.
 const PING_FRAME: [u8; 2] = [0x89, 0x00];
+/// Messages of one connection waiting for their commit (`ack_after = persisted`) before the
+/// reactor stops reading that connection; reading resumes below half.
+const MAX_PENDING_ACKS: usize = 1024;
+
+/// The node's store as the reactors see it: the writers' queue and breaker, and the query pool.
+pub struct StoreHandle {
+    /// `postgres`, `sqlite` or `memory`.
+    pub kind: &'static str,
+    /// Where accepted messages go.
+    pub queue: Arc<StoreQueue>,
+    /// Who answers `/api/*`.
+    pub queries: QueryPool,
+}
 
 /// What all reactors of a node share. Read-mostly; the only lock is inside [`Presence`].
 pub struct Shared {
@@ -76,6 +95,10 @@ pub struct Shared {
     pub inboxes: Arc<[Inbox]>,
     /// The message bus.
     pub bus: Box<dyn Bus>,
+    /// The store.
+    pub store: StoreHandle,
+    /// Each reactor's mailbox for commits and query answers (index = reactor id).
+    pub mailboxes: Arc<[Mailbox]>,
     /// The access-token secret; `None` when tokens are not required.
     pub auth_key: Option<Vec<u8>>,
     /// Set once to begin a graceful shutdown.
@@ -101,7 +124,7 @@ impl Shared {
     /// The Prometheus text of `GET /metrics`.
     pub fn render_metrics(&self) -> String {
         let stats: Vec<&ReactorStats> = self.stats.iter().map(|s| &***s).collect();
-        crate::metrics::render(
+        let mut text = crate::metrics::render(
             &stats,
             &NodeGauges {
                 node_id: &self.node_id,
@@ -111,7 +134,20 @@ impl Shared {
                 uptime_secs: self.started.elapsed().as_secs_f64(),
                 draining: self.draining.load(Ordering::Relaxed),
             },
-        )
+        );
+        crate::store::render_metrics(&mut text, &self.store.queue, &self.store.queries);
+        text
+    }
+
+    /// `Ok` while the store takes writes and answers queries; otherwise why not.
+    pub fn store_ready(&self) -> Result<(), String> {
+        if self.store.queue.breaker.is_open() {
+            return Err(format!(
+                "writes are failing (breaker {:?})",
+                self.store.queue.breaker.state()
+            ));
+        }
+        self.store.queries.reachable()
     }
 }
 
@@ -124,6 +160,8 @@ enum Phase {
     },
     /// A WebSocket session in a room.
     Open(Box<Session>),
+    /// Waiting for the query pool's answer to an HTTP request; input is left unread.
+    Waiting,
     /// Flushing the last output (a response or a close frame); input is read and discarded.
     Closing {
         /// True once our side of the TCP stream has been shut down.
@@ -143,10 +181,32 @@ struct Session {
     user: Option<u32>,
     /// When the access token expires (Unix seconds); the session is closed then.
     expires: Option<u64>,
+    /// With `ack_after = persisted`: messages waiting for their commit, in arrival order. Their
+    /// acks (or errors) are written in this order as commits arrive.
+    pending: VecDeque<PendingAck>,
+    /// The sequence number of the next message that waits for its commit.
+    next_seq: u64,
+    /// Reading stopped because `pending` is full.
+    pending_full: bool,
+    /// A drain wants to close this session once `pending` is empty.
+    close_when_settled: bool,
+}
+
+/// A message accepted with `ack_after = persisted`, waiting for its commit.
+struct PendingAck {
+    seq: u64,
+    /// The echo fields of the ack (the JSON after `{"type":"ack","status":"OK",`).
+    echo: Vec<u8>,
+    client_message_id: Option<String>,
+    since: Instant,
+    /// `None` until the writer reports; then `Ok` or why it was not stored.
+    outcome: Option<Result<(), String>>,
 }
 
 struct Conn {
     sock: TcpStream,
+    /// Unique on this reactor for its lifetime (slab keys are reused).
+    uid: u64,
     out: OutQueue,
     phase: Phase,
     /// When the current phase began.
@@ -181,6 +241,11 @@ pub struct Reactor {
     shared: Arc<Shared>,
     stats: Arc<SharedStats>,
     inbox: Receiver<Batch>,
+    /// Commits and query answers from the store's threads.
+    replies: Receiver<Reply>,
+    next_uid: u64,
+    /// This node's id, shared by every stored record.
+    node_id: Arc<str>,
     publisher: Box<dyn Publisher>,
     members: RoomMembers,
     ws_config: WebSocketConfig,
@@ -208,6 +273,7 @@ impl Reactor {
         mut listener: TcpListener,
         mut admin_listener: Option<TcpListener>,
         inbox: Receiver<Batch>,
+        replies: Receiver<Reply>,
         shared: Arc<Shared>,
     ) -> io::Result<Reactor> {
         poll.registry()
@@ -226,6 +292,7 @@ impl Reactor {
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
         let now = Instant::now();
+        let node_id: Arc<str> = shared.node_id.as_str().into();
         Ok(Reactor {
             id,
             poll,
@@ -240,6 +307,9 @@ impl Reactor {
             publisher: shared.bus.publisher(id),
             shared,
             inbox,
+            replies,
+            next_uid: 0,
+            node_id,
             members: RoomMembers::default(),
             ws_config,
             pool: BufPool::new(1024),
@@ -303,6 +373,7 @@ impl Reactor {
                 }
             }
             self.deliver_inbox();
+            self.deliver_replies();
             for t in mem::take(&mut self.again) {
                 self.read_ready(t);
             }
@@ -429,8 +500,10 @@ impl Reactor {
             log::warn!("reactor {}: cannot register a connection: {e}", self.id);
             return;
         }
+        self.next_uid += 1;
         entry.insert(Conn {
             sock,
+            uid: self.next_uid,
             out: OutQueue::default(),
             phase: Phase::Request {
                 head: Vec::with_capacity(1024),
@@ -489,7 +562,7 @@ impl Reactor {
             Some(Phase::Request { .. }) => self.read_request(t),
             Some(Phase::Open(_)) => self.read_messages(t),
             Some(Phase::Closing { .. }) => self.discard_input(t),
-            None => {}
+            Some(Phase::Waiting) | None => {}
         }
     }
 
@@ -567,22 +640,32 @@ impl Reactor {
                 Status::NotFound,
                 "the chat page is on the public address".to_string(),
             )),
-            Route::Metrics | Route::Dashboard | Route::NeedsStore { room: None, .. }
-                if split && !on_admin =>
-            {
-                Some((
-                    Status::NotFound,
-                    "this route is served on the admin address".to_string(),
-                ))
-            }
-            Route::Presence { room, token }
-            | Route::NeedsStore {
-                room: Some(room),
-                token,
-            } if !on_admin => self
+            Route::Metrics | Route::Dashboard if split && !on_admin => Some((
+                Status::NotFound,
+                "this route is served on the admin address".to_string(),
+            )),
+            Route::Api { query, .. } if query.room().is_none() && split && !on_admin => Some((
+                Status::NotFound,
+                "this route is served on the admin address".to_string(),
+            )),
+            Route::Presence { room, token } if !on_admin => self
                 .room_access(room, token.as_deref())
                 .err()
                 .map(|m| (Status::Unauthorized, m)),
+            // A room's history follows the room's token. The operator routes read every
+            // user's messages, so with tokens on (and no admin address) they need a token
+            // that opens every room (`chatflow token --rooms '*'`).
+            Route::Api { query, token } if !on_admin => self
+                .room_access(query.room().unwrap_or("*"), token.as_deref())
+                .err()
+                .map(|m| {
+                    let m = if query.room().is_none() {
+                        format!("{m} (operator routes need a token for every room: --rooms '*')")
+                    } else {
+                        m
+                    };
+                    (Status::Unauthorized, m)
+                }),
             _ => None,
         };
         let route = match denial {
@@ -590,19 +673,22 @@ impl Reactor {
             None => parsed.route,
         };
         let (status, content_type, body) = match route {
-            Route::Upgrade { room, accept, token, origin } => {
-                match self.admission(&room, token.as_deref(), origin.as_deref()) {
-                    Ok(user) => {
-                        self.upgrade(t, &room, &accept, leftover, user);
-                        return;
-                    }
-                    Err((status, message)) => {
-                        let bytes = http::error_response(status, &message, head_only);
-                        self.respond(t, bytes, status.code());
-                        return;
-                    }
+            Route::Upgrade {
+                room,
+                accept,
+                token,
+                origin,
+            } => match self.admission(&room, token.as_deref(), origin.as_deref()) {
+                Ok(user) => {
+                    self.upgrade(t, &room, &accept, leftover, user);
+                    return;
                 }
-            }
+                Err((status, message)) => {
+                    let bytes = http::error_response(status, &message, head_only);
+                    self.respond(t, bytes, status.code());
+                    return;
+                }
+            },
             Route::ChatPage => (Status::Ok, HTML, CHAT_PAGE.into()),
             Route::Dashboard => (Status::Ok, HTML, DASHBOARD_PAGE.into()),
             Route::Health => json(
@@ -617,16 +703,30 @@ impl Reactor {
             ),
             Route::Ready => {
                 let bus = self.shared.bus.ready();
+                let store = self.shared.store_ready();
                 let draining = self.shared.draining.load(Ordering::Relaxed);
+                let ready = bus.is_ok() && store.is_ok() && !draining;
+                let queue = &self.shared.store.queue;
                 let body = serde_json::json!({
-                    "status": if bus.is_ok() && !draining { "READY" } else { "NOT_READY" },
+                    "status": if ready { "READY" } else { "NOT_READY" },
                     "nodeId": self.shared.node_id,
                     "draining": draining,
                     "bus": { "kind": self.shared.bus.name(), "up": bus.is_ok(), "error": bus.err() },
-                    "store": { "kind": "none", "up": true },
+                    "store": {
+                        "kind": self.shared.store.kind,
+                        "up": store.is_ok(),
+                        "error": store.err(),
+                        "breaker": format!("{:?}", queue.breaker.state()).to_lowercase(),
+                        "queued": queue.depth(),
+                        "capacity": queue.capacity(),
+                    },
+                    "ackAfter": self.shared.config.ack_after,
                 });
                 let ok = body["status"] == "READY";
-                json(if ok { Status::Ok } else { Status::Unavailable }, body.to_string())
+                json(
+                    if ok { Status::Ok } else { Status::Unavailable },
+                    body.to_string(),
+                )
             }
             Route::Metrics => (
                 Status::Ok,
@@ -651,10 +751,24 @@ impl Reactor {
                     .to_string(),
                 )
             }
-            Route::NeedsStore { .. } => json(
-                Status::Unavailable,
-                r#"{"error":"message history and analytics need a store; this server has none configured"}"#.into(),
-            ),
+            Route::Api { query, .. } => {
+                let Some(conn) = self.conns.get_mut(t) else {
+                    return;
+                };
+                let reply_to = ReplyTo {
+                    reactor: self.id,
+                    token: t,
+                    conn: conn.uid,
+                };
+                match self.shared.store.queries.submit(query, reply_to, head_only) {
+                    Ok(()) => {
+                        conn.phase = Phase::Waiting;
+                        conn.since = self.now;
+                    }
+                    Err(bytes) => self.respond(t, bytes, Status::Unavailable.code()),
+                }
+                return;
+            }
             Route::Error(status, message) => {
                 let bytes = http::error_response(status, &message, head_only);
                 self.respond(t, bytes, status.code());
@@ -745,6 +859,10 @@ impl Reactor {
             paused: false,
             user: token.map(|(user, _)| user),
             expires: token.map(|(_, exp)| exp),
+            pending: VecDeque::new(),
+            next_seq: 0,
+            pending_full: false,
+            close_when_settled: false,
         };
         conn.phase = Phase::Open(Box::new(session));
         conn.since = self.now;
@@ -785,6 +903,11 @@ impl Reactor {
                 // Policy: a client that does not read its acks is not read either; reading
                 // resumes when its output drains to half the soft limit.
                 session.paused = true;
+                return;
+            } else if session.pending.len() >= MAX_PENDING_ACKS {
+                // Policy: a client with too many messages waiting for their commit is not read
+                // until half of them are settled.
+                session.pending_full = true;
                 return;
             }
             let mut io = WsIo {
@@ -951,10 +1074,44 @@ impl Reactor {
 
     fn accept_message(&mut self, t: usize, room: &Arc<str>, msg: &ChatMessage<'_>) {
         let id = msg.message_id();
+        let server_ts = OffsetDateTime::now_utc();
+        let persisted = self.shared.config.ack_after == AckAfter::Persisted;
+        let client_message_id = || msg.client_message_id.as_deref().map(str::to_owned);
+
+        // Policy: room in the store's queue is reserved before anyone sees the message, so a
+        // message that is broadcast can always be stored; without room it is refused whole.
+        let queue = &self.shared.store.queue;
+        let refusal = if persisted && queue.breaker.is_open() {
+            Some((
+                ErrorCode::Unavailable,
+                "the store is failing; this message was not stored; retry later",
+            ))
+        } else if !queue.reserve() {
+            Some(if queue.breaker.is_open() {
+                (
+                    ErrorCode::Unavailable,
+                    "the store is unreachable and its queue is full; this message was not stored; retry later",
+                )
+            } else {
+                (
+                    ErrorCode::Overloaded,
+                    "the store's queue is full; the server is shedding load; retry later",
+                )
+            })
+        } else {
+            None
+        };
+        if let Some((code, why)) = refusal {
+            let mut r = Rejection::whole(code, why);
+            r.client_message_id = client_message_id();
+            self.reject(t, &r);
+            return;
+        }
+
         let mut body = mem::take(&mut self.scratch);
         body.clear();
         body.extend_from_slice(protocol::BROADCAST_PREFIX);
-        protocol::write_echo_fields(&mut body, msg, id, room, OffsetDateTime::now_utc());
+        protocol::write_echo_fields(&mut body, msg, id, room, server_ts);
         let echo = &body[protocol::BROADCAST_PREFIX.len()..];
 
         let local_others = self.members.members(room).len() > 1;
@@ -965,11 +1122,12 @@ impl Reactor {
                 frame: shared_text_frame(&body),
             };
             if remote && let Err(PublishError::Overloaded) = self.publisher.publish(&fanout) {
+                self.shared.store.queue.unreserve();
                 let mut r = Rejection::whole(
                     ErrorCode::Overloaded,
                     "the server is shedding load; retry later",
                 );
-                r.client_message_id = msg.client_message_id.as_deref().map(str::to_owned);
+                r.client_message_id = client_message_id();
                 self.scratch = body;
                 self.reject(t, &r);
                 return;
@@ -981,18 +1139,185 @@ impl Reactor {
             self.update_presence(t, room, msg);
         }
 
-        if let Some(conn) = self.conns.get_mut(t) {
-            let mut header = [0u8; 10];
-            let n = write_text_header(protocol::ACK_PREFIX.len() + echo.len(), &mut header);
-            conn.out.push_owned(&header[..n], &mut self.pool);
-            conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
-            conn.out.push_owned(echo, &mut self.pool);
-            self.stats.acks.inc();
-            self.stats.frames_out.inc();
-            self.stats.message(msg.message_type);
-            self.mark_dirty(t);
+        let record = Record {
+            message_id: id,
+            room_id: room.clone(),
+            user_id: i32::try_from(msg.user_id).unwrap_or(i32::MAX),
+            username: msg.username.to_string(),
+            message: msg.message.to_string(),
+            message_type: msg.message_type,
+            client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339).unwrap_or(server_ts),
+            server_ts,
+            node_id: self.node_id.clone(),
+        };
+        let Some(conn) = self.conns.get_mut(t) else {
+            // The sender is gone; the message is still stored.
+            let _ = self.shared.store.queue.send_reserved(Persist {
+                record,
+                origin: None,
+            });
+            self.scratch = body;
+            return;
+        };
+        let waiting = match &mut conn.phase {
+            Phase::Open(session) if persisted => {
+                session.next_seq += 1;
+                Some((session.next_seq, conn.uid))
+            }
+            _ => None,
+        };
+        let origin = waiting.map(|(seq, uid)| Origin {
+            reactor: self.id,
+            token: t,
+            conn: uid,
+            seq,
+        });
+        if !self
+            .shared
+            .store
+            .queue
+            .send_reserved(Persist { record, origin })
+        {
+            // Only possible once the writers have stopped, which happens after the reactors.
+            log::error!("reactor {}: the store's writers are gone", self.id);
+        }
+        self.stats.message(msg.message_type);
+        match (waiting, &mut conn.phase) {
+            (Some((seq, _)), Phase::Open(session)) => {
+                session.pending.push_back(PendingAck {
+                    seq,
+                    echo: echo.to_vec(),
+                    client_message_id: client_message_id(),
+                    since: self.now,
+                    outcome: None,
+                });
+            }
+            _ => {
+                let mut header = [0u8; 10];
+                let n = write_text_header(protocol::ACK_PREFIX.len() + echo.len(), &mut header);
+                conn.out.push_owned(&header[..n], &mut self.pool);
+                conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
+                conn.out.push_owned(echo, &mut self.pool);
+                self.stats.acks.inc();
+                self.stats.frames_out.inc();
+                self.mark_dirty(t);
+            }
         }
         self.scratch = body;
+    }
+
+    /// Applies commits and query answers from the store's threads.
+    fn deliver_replies(&mut self) {
+        self.shared.mailboxes[self.id].clear_notified();
+        while let Ok(reply) = self.replies.try_recv() {
+            match reply {
+                Reply::Persisted(completions) => {
+                    let mut touched = Vec::new();
+                    for c in completions {
+                        if self.record_outcome(&c) && touched.last() != Some(&c.token) {
+                            touched.push(c.token);
+                        }
+                    }
+                    for t in touched {
+                        self.release_acks(t);
+                    }
+                }
+                Reply::Http {
+                    token,
+                    conn,
+                    bytes,
+                    status,
+                } => {
+                    let waiting = self
+                        .conns
+                        .get(token)
+                        .is_some_and(|c| c.uid == conn && matches!(c.phase, Phase::Waiting));
+                    if waiting {
+                        self.respond(token, bytes, status);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Notes a commit on its connection; false when the connection is gone.
+    fn record_outcome(&mut self, c: &Completion) -> bool {
+        let Some(conn) = self.conns.get_mut(c.token) else {
+            return false;
+        };
+        if conn.uid != c.conn {
+            return false;
+        }
+        let Phase::Open(session) = &mut conn.phase else {
+            return false;
+        };
+        // Sequence numbers are increasing in the queue; entries may already have timed out.
+        if let Ok(i) = session.pending.binary_search_by_key(&c.seq, |p| p.seq)
+            && session.pending[i].outcome.is_none()
+        {
+            session.pending[i].outcome = Some(c.result.clone());
+        }
+        true
+    }
+
+    /// Writes the acks (or errors) of the settled messages at the front of `t`'s queue, in
+    /// arrival order.
+    fn release_acks(&mut self, t: usize) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        let mut wrote = false;
+        let mut body = mem::take(&mut self.scratch);
+        while session.pending.front().is_some_and(|p| p.outcome.is_some()) {
+            let Some(p) = session.pending.pop_front() else {
+                break;
+            };
+            match p.outcome {
+                Some(Ok(())) => {
+                    let mut header = [0u8; 10];
+                    let n =
+                        write_text_header(protocol::ACK_PREFIX.len() + p.echo.len(), &mut header);
+                    conn.out.push_owned(&header[..n], &mut self.pool);
+                    conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
+                    conn.out.push_owned(&p.echo, &mut self.pool);
+                    self.stats.acks.inc();
+                }
+                Some(Err(why)) => {
+                    let mut r = Rejection::whole(ErrorCode::Unavailable, why);
+                    r.client_message_id = p.client_message_id;
+                    body.clear();
+                    protocol::write_error(&mut body, &r);
+                    conn.out.push_text_frame(&body, &mut self.pool);
+                    self.stats.error(ErrorCode::Unavailable);
+                }
+                None => {}
+            }
+            self.stats.frames_out.inc();
+            wrote = true;
+        }
+        self.scratch = body;
+        let resume = session.pending_full && session.pending.len() <= MAX_PENDING_ACKS / 2;
+        if resume {
+            session.pending_full = false;
+        }
+        let settled = session.close_when_settled && session.pending.is_empty();
+        if wrote {
+            self.mark_dirty(t);
+        }
+        if resume {
+            self.again.push(t);
+        }
+        if settled {
+            self.close_ws(
+                t,
+                CloseCode::Away,
+                "server shutting down",
+                Disconnect::Shutdown,
+            );
+        }
     }
 
     fn update_presence(&mut self, t: usize, room: &Arc<str>, msg: &ChatMessage<'_>) {
@@ -1242,12 +1567,25 @@ impl Reactor {
         let mut queued = 0;
         let mut expired: Vec<(usize, Option<Disconnect>)> = Vec::new();
         let mut pings = Vec::new();
+        let query_wait = self.shared.store.queries.timeout() + TICK;
+        let persist_timeout = config.persist_timeout();
+        let mut unanswered = Vec::new();
+        let mut uncommitted = Vec::new();
         for (t, conn) in &mut self.conns {
             queued += conn.out.len();
+            if let Phase::Open(session) = &conn.phase
+                && session
+                    .pending
+                    .front()
+                    .is_some_and(|p| p.outcome.is_none() && now - p.since >= persist_timeout)
+            {
+                uncommitted.push(t);
+            }
             match &conn.phase {
                 Phase::Request { .. } if now - conn.since >= handshake_timeout => {
                     expired.push((t, Some(Disconnect::HandshakeTimeout)));
                 }
+                Phase::Waiting if now - conn.since >= query_wait => unanswered.push(t),
                 Phase::Open(session) => {
                     if session.expires.is_some_and(|exp| exp <= unix_now) {
                         expired.push((t, Some(Disconnect::TokenExpired)));
@@ -1280,6 +1618,17 @@ impl Reactor {
                 self.mark_dirty(t);
             }
         }
+        for t in unanswered {
+            let message = format!(
+                "the store did not answer within {} ms; retry shortly",
+                query_wait.as_millis()
+            );
+            let bytes = http::error_response(Status::Unavailable, &message, false);
+            self.respond(t, bytes, Status::Unavailable.code());
+        }
+        for t in uncommitted {
+            self.expire_pending(t, persist_timeout);
+        }
         for (t, why) in expired {
             match why {
                 Some(Disconnect::TokenExpired) => {
@@ -1304,6 +1653,26 @@ impl Reactor {
         self.maybe_resume_accept();
     }
 
+    /// Gives up waiting for the commits of `t`'s messages older than `timeout`: their senders
+    /// get `UNAVAILABLE` (a retry with the same `clientMessageId` is stored once).
+    fn expire_pending(&mut self, t: usize, timeout: Duration) {
+        let now = self.now;
+        if let Some(Phase::Open(session)) = self.conns.get_mut(t).map(|c| &mut c.phase) {
+            for p in session.pending.iter_mut() {
+                if now - p.since < timeout {
+                    break;
+                }
+                if p.outcome.is_none() {
+                    p.outcome = Some(Err(format!(
+                        "the store did not confirm this message within {} ms; it may still be stored; retry with the same clientMessageId",
+                        timeout.as_millis()
+                    )));
+                }
+            }
+        }
+        self.release_acks(t);
+    }
+
     /// Stops accepting, answers what clients already sent, and closes every WebSocket with 1001.
     fn begin_drain(&mut self) {
         self.drain_deadline = Some(self.now + self.shared.config.shutdown_timeout());
@@ -1319,8 +1688,16 @@ impl Reactor {
             match self.conns.get(t).map(|c| &c.phase) {
                 Some(Phase::Request { .. }) => self.remove(t, None),
                 Some(Phase::Open(_)) => {
-                    // Messages already in the socket get their acks before the close frame.
+                    // Messages already in the socket get their acks before the close frame;
+                    // with `ack_after = persisted` the close waits for their commits (up to
+                    // the drain deadline).
                     self.read_messages(t);
+                    if let Some(Phase::Open(session)) = self.conns.get_mut(t).map(|c| &mut c.phase)
+                        && !session.pending.is_empty()
+                    {
+                        session.close_when_settled = true;
+                        continue;
+                    }
                     self.close_ws(
                         t,
                         CloseCode::Away,

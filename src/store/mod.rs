@@ -23,6 +23,9 @@ use uuid::Uuid;
 
 use crate::protocol::MessageType;
 
+/// The schema version this build creates and expects (every backend's migrations end here).
+pub const SCHEMA_VERSION: i32 = 1;
+
 /// One stored chat message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -220,13 +223,13 @@ pub fn minute_floor(t: OffsetDateTime) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(secs - secs.rem_euclid(60)).unwrap_or(t)
 }
 
-/// Rounds `t` up to a minute (unchanged when already on one).
+/// Rounds `t` up to a minute (unchanged when already on one, or at the end of time).
 pub fn minute_ceil(t: OffsetDateTime) -> OffsetDateTime {
     let floor = minute_floor(t);
     if floor == t {
         t
     } else {
-        floor + time::Duration::MINUTE
+        floor.checked_add(time::Duration::MINUTE).unwrap_or(t)
     }
 }
 
@@ -266,6 +269,135 @@ impl Default for StoreOptions {
     }
 }
 
+/// Appends the store's metrics (writer pool and query pool) to a `/metrics` text.
+pub fn render_metrics(out: &mut String, queue: &writer::StoreQueue, queries: &query::QueryPool) {
+    use crate::metrics::single;
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = &queue.stats;
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "chatflow_store_batches_total",
+            "Write batches committed.",
+            w.batches.load(Relaxed),
+        ),
+        (
+            "chatflow_store_rows_total",
+            "Messages newly stored.",
+            w.rows.load(Relaxed),
+        ),
+        (
+            "chatflow_store_duplicates_total",
+            "Messages already stored (retries), skipped.",
+            w.duplicates.load(Relaxed),
+        ),
+        (
+            "chatflow_store_dead_letters_total",
+            "Messages the store refused, kept in the dead-letter table.",
+            w.dead_lettered.load(Relaxed),
+        ),
+        (
+            "chatflow_store_write_errors_total",
+            "Failed write attempts (each retry counts).",
+            w.write_errors.load(Relaxed),
+        ),
+        (
+            "chatflow_store_abandoned_total",
+            "Messages given up at shutdown because the store stayed unreachable.",
+            w.abandoned.load(Relaxed),
+        ),
+        (
+            "chatflow_store_queue_full_total",
+            "Messages refused because the writers' queue was full.",
+            w.refused_full.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        single(out, name, "counter", help, v);
+    }
+    single(
+        out,
+        "chatflow_store_queue_depth",
+        "gauge",
+        "Messages waiting for a writer.",
+        queue.depth(),
+    );
+    single(
+        out,
+        "chatflow_store_queue_capacity",
+        "gauge",
+        "Most messages the writers' queue holds.",
+        queue.capacity(),
+    );
+    let state = match queue.breaker.state() {
+        writer::BreakerState::Closed => 0,
+        writer::BreakerState::Open => 1,
+        writer::BreakerState::HalfOpen => 2,
+    };
+    single(
+        out,
+        "chatflow_store_breaker_state",
+        "gauge",
+        "Store circuit breaker: 0 closed, 1 open, 2 half-open.",
+        state,
+    );
+    single(
+        out,
+        "chatflow_store_breaker_opened_total",
+        "counter",
+        "Times the store's breaker opened.",
+        queue.breaker.times_opened(),
+    );
+    w.batch_size.render(
+        out,
+        "chatflow_store_batch_size",
+        "Messages per write batch.",
+    );
+    w.write_seconds.render(
+        out,
+        "chatflow_store_write_seconds",
+        "Time to write and commit one batch (retries included).",
+    );
+    w.commit_lag_seconds.render(
+        out,
+        "chatflow_store_commit_lag_seconds",
+        "Time from a message's hand-off to the writers to its commit.",
+    );
+    let q = &queries.stats;
+    single(
+        out,
+        "chatflow_queries_total",
+        "counter",
+        "/api/* queries answered.",
+        q.answered.load(Relaxed),
+    );
+    single(
+        out,
+        "chatflow_query_failures_total",
+        "counter",
+        "/api/* queries the store could not answer.",
+        q.failed.load(Relaxed),
+    );
+    single(
+        out,
+        "chatflow_queries_refused_total",
+        "counter",
+        "/api/* queries refused because the queue was full.",
+        q.refused.load(Relaxed),
+    );
+    single(
+        out,
+        "chatflow_query_queue_depth",
+        "gauge",
+        "/api/* queries waiting for a thread.",
+        queries.depth(),
+    );
+    q.seconds.render(
+        out,
+        "chatflow_query_seconds",
+        "Time from an /api/* request to its answer.",
+    );
+}
+
 /// Redacts the password in a store URL for logs and `/ready`.
 pub fn redact(spec: &str) -> String {
     let Some((scheme, rest)) = spec.split_once("://") else {
@@ -291,6 +423,8 @@ mod tests {
         assert_eq!(minute_ceil(t).unix_timestamp(), 180);
         let m = OffsetDateTime::from_unix_timestamp(180).unwrap();
         assert_eq!(minute_ceil(m), m);
+        let last = query::time_max();
+        assert_eq!(minute_ceil(last), last, "no overflow at the end of time");
         let neg = OffsetDateTime::from_unix_timestamp(-1).unwrap();
         assert_eq!(minute_floor(neg).unix_timestamp(), -60);
     }

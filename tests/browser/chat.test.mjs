@@ -8,6 +8,8 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import path from "node:path";
+import os from "node:os";
+import fs from "node:fs";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
@@ -18,9 +20,13 @@ const SHOTS = process.env.SCREENSHOT_DIR;
 const WAIT = { timeout: 15000 };
 
 /** Starts `chatflow serve` and resolves once it prints its address. */
+// The server stores into its embedded SQLite default, in a directory of its own.
+const DATA = fs.mkdtempSync(path.join(os.tmpdir(), "chatflow-browser-"));
+
 function startServer(listen = "127.0.0.1:0") {
   return new Promise((resolve, reject) => {
-    const proc = spawn(BIN, ["serve", "--listen", listen, "--reactors", "2", "--node-id", "browser-test"], {
+    const store = `sqlite:${path.join(DATA, "chatflow.db")}`;
+    const proc = spawn(BIN, ["serve", "--listen", listen, "--reactors", "2", "--node-id", "browser-test", "--store", store], {
       stdio: ["ignore", "pipe", "inherit"],
       env: { ...process.env, RUST_LOG: "warn" },
     });
@@ -59,6 +65,7 @@ before(async () => {
 after(async () => {
   if (browser) await browser.close();
   if (server) await stopServer(server);
+  fs.rmSync(DATA, { recursive: true, force: true });
 });
 
 async function joinRoom(addr, name, userId, room) {
@@ -175,4 +182,22 @@ test("leaving and joining again at once leaves one clean connection", { timeout:
   const r = await fetch(`http://${server.addr}/api/rooms/e2e-rejoin/presence`);
   assert.equal((await r.json()).count, 1, "one user, one connection");
   await page.close();
+});
+
+test("a page that joins later shows the room's stored history", { timeout: 60000 }, async () => {
+  const early = await joinRoom(server.addr, "grace", 107, "e2e-history");
+  for (const text of ["first stored line", "second stored line"]) {
+    await early.fill("#text", text);
+    await early.press("#text", "Enter");
+    await early.waitForSelector(`#log .msg.mine:not(.pending):has-text('${text}')`, WAIT);
+  }
+  await early.close();
+  const late = await joinRoom(server.addr, "heidi", 108, "e2e-history");
+  await late.waitForSelector("#log .msg.history:has-text('first stored line')", WAIT);
+  await late.waitForSelector("#log .msg.history:has-text('second stored line')", WAIT);
+  const order = await late.$$eval("#log .msg.history", (els) => els.map((e) => e.textContent));
+  const first = order.findIndex((t) => t.includes("first stored line"));
+  const second = order.findIndex((t) => t.includes("second stored line"));
+  assert.ok(first >= 0 && second > first, `history is oldest first: ${order.join(" | ")}`);
+  await late.close();
 });

@@ -31,6 +31,7 @@ impl TestServer {
             listen: "127.0.0.1:0".parse().expect("addr"),
             reactors: 2,
             node_id: "test-node".into(),
+            store: "memory".into(),
             ..Config::default()
         };
         tweak(&mut config);

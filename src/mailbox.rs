@@ -1,0 +1,84 @@
+//! Replies from blocking threads (store writers, the query pool) back to a reactor: a bounded
+//! channel and the reactor's waker, as for broadcasts.
+//!
+//! Policy when full: the sending thread waits. Writers and query threads are the only
+//! senders, and what they can have outstanding is bounded by their own queues, so the wait is
+//! short and memory stays bounded; a reactor never waits on them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::Waker;
+
+/// A message's commit (or failure) reported to the reactor of its sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The connection's slab key.
+    pub token: usize,
+    /// The connection's unique id on its reactor.
+    pub conn: u64,
+    /// The message's sequence number on the connection.
+    pub seq: u64,
+    /// `Ok` once committed; otherwise why it was not stored.
+    pub result: Result<(), String>,
+}
+
+/// What a reactor can be told.
+#[derive(Debug)]
+pub enum Reply {
+    /// Messages of this reactor's connections committed (or failed), in commit order.
+    Persisted(Vec<Completion>),
+    /// The HTTP response to a query a connection is waiting for.
+    Http {
+        /// The connection's slab key.
+        token: usize,
+        /// The connection's unique id.
+        conn: u64,
+        /// The whole response.
+        bytes: Vec<u8>,
+        /// Its status code, for the metrics.
+        status: u16,
+    },
+}
+
+/// One reactor's mailbox.
+pub struct Mailbox {
+    tx: Sender<Reply>,
+    waker: Arc<Waker>,
+    notified: AtomicBool,
+}
+
+impl Mailbox {
+    /// A mailbox of `capacity` replies waking `waker`; returns the receiving end too.
+    pub fn new(capacity: usize, waker: Arc<Waker>) -> (Mailbox, Receiver<Reply>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+        (
+            Mailbox {
+                tx,
+                waker,
+                notified: AtomicBool::new(false),
+            },
+            rx,
+        )
+    }
+
+    /// Delivers `reply`, waiting while the mailbox is full. `Err` when the reactor has stopped.
+    pub fn send(&self, reply: Reply) -> Result<(), Reply> {
+        self.tx.send(reply).map_err(|e| e.into_inner())?;
+        if !self.notified.swap(true, Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Called by the reactor before it drains the channel.
+    pub fn clear_notified(&self) {
+        self.notified.store(false, Ordering::SeqCst);
+    }
+
+    /// Replies waiting.
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+}
