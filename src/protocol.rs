@@ -444,10 +444,25 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-/// Formats a UTC time as RFC 3339 with microseconds and `Z`, e.g. `2026-11-21T22:41:01.125431Z`.
+/// `t` in UTC. A valid client time near the ends of the calendar can fall outside it in UTC
+/// (`9999-12-31T23:59:59-05:00`); such a time is clamped to the first or last representable
+/// instant instead of panicking.
+pub fn utc_clamped(t: OffsetDateTime) -> OffsetDateTime {
+    t.checked_to_offset(time::UtcOffset::UTC)
+        .unwrap_or_else(|| {
+            if t.year() > 0 {
+                time::PrimitiveDateTime::MAX.assume_utc()
+            } else {
+                time::PrimitiveDateTime::MIN.assume_utc()
+            }
+        })
+}
+
+/// Formats a time in UTC as RFC 3339 with microseconds and `Z`, e.g.
+/// `2026-11-21T22:41:01.125431Z` (see [`utc_clamped`] for the calendar's ends).
 /// Written digit by digit: this runs for every message, and `write!` costs several times more.
 pub fn write_rfc3339_micros(out: &mut Vec<u8>, t: OffsetDateTime) {
-    let t = t.to_offset(time::UtcOffset::UTC);
+    let t = utc_clamped(t);
     fn digits(out: &mut Vec<u8>, value: u32, width: usize) {
         let mut buf = [b'0'; 10];
         let mut v = value;
@@ -477,6 +492,31 @@ pub fn write_rfc3339_micros(out: &mut Vec<u8>, t: OffsetDateTime) {
     out.push(b'.');
     digits(out, t.microsecond(), 6);
     out.push(b'Z');
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn times_past_the_calendar_in_utc_are_clamped_not_a_panic() {
+        let fmt = &time::format_description::well_known::Rfc3339;
+        for (input, want) in [
+            ("9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59.999999Z"),
+            ("0000-01-01T00:00:00+05:00", "-0001-01-01T00:00:00.000000Z"),
+            ("2026-11-22T10:00:00+02:00", "2026-11-22T08:00:00.000000Z"),
+        ] {
+            let t = OffsetDateTime::parse(input, fmt).unwrap();
+            let mut out = Vec::new();
+            write_rfc3339_micros(&mut out, t);
+            let got = String::from_utf8(out).unwrap();
+            if input.starts_with("0000") {
+                assert!(got.ends_with('Z'), "{input}: {got}");
+            } else {
+                assert_eq!(got, want, "{input}");
+            }
+        }
+    }
 }
 
 /// The current time as an RFC 3339 string with microseconds.

@@ -151,7 +151,40 @@ on_every_store!(
     operator_routes_live_on_the_admin_port,
     room_history_needs_a_token_for_its_room,
     ready_and_metrics_report_the_store,
+    client_times_at_the_calendar_edges_are_stored_and_read_back,
 );
+
+/// A valid client time whose UTC instant falls outside the calendar (year 10000, or before
+/// year 0) is clamped, not a panic: acked, stored, and the room's history still answers.
+fn client_times_at_the_calendar_edges_are_stored_and_read_back(b: &Backend) {
+    let s = b.start(|_| {});
+    let mut c = s.ws("edge");
+    for (i, ts) in [
+        "9999-12-31T23:59:59-05:00",
+        "0000-01-01T00:00:00+05:00",
+        "2026-11-22T10:00:00+14:00",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut m = util::msg(7, "edge", &format!("edge {i}"));
+        m["timestamp"] = json!(ts);
+        c.send(&m);
+        let ack = c.recv();
+        assert_eq!(ack["type"], "ack", "{ts}: {ack}");
+        assert_eq!(
+            ack["timestamp"],
+            json!(ts),
+            "the ack echoes the client's text"
+        );
+    }
+    let r = s.get("/api/rooms/edge/messages");
+    assert_eq!(r.status, 200, "{r:?}");
+    let list = r.json();
+    assert_eq!(list.as_array().map_or(0, Vec::len), 3, "{list}");
+    assert_eq!(list[2]["timestamp"], "2026-11-21T20:00:00.000000Z");
+    assert_eq!(s.get("/api/metrics").status, 200);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Times, HTTP and comparisons

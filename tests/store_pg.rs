@@ -332,3 +332,58 @@ fn an_unknown_message_type_in_the_database_is_an_error_not_a_panic() {
     );
     r.ping().expect("the reader still works");
 }
+
+#[test]
+fn times_whose_offset_takes_them_past_year_9999_do_not_panic() {
+    let db = TestDb::new("offsets");
+    let store = open(&db);
+    let west = time::UtcOffset::from_hms(-5, 0, 0).expect("offset");
+    let east = time::UtcOffset::from_hms(5, 0, 0).expect("offset");
+    let past_the_end = time::macros::datetime!(9999-12-31 23:59:59).assume_offset(west);
+    let before_the_start = time::macros::datetime!(-9999-01-01 00:00:00).assume_offset(east);
+
+    let mut r = record(1, "r", 1, "from the future", 0);
+    r.client_ts = past_the_end;
+    let mut w = store.writer().expect("writer");
+    assert_eq!(w.write(&[r]), Ok(1));
+
+    let mut reader = store.reader().expect("reader");
+    let wide = Window {
+        start: before_the_start,
+        end: past_the_end,
+    };
+    let got = reader
+        .room_messages("r", wide, 10, Take::Last)
+        .expect("history");
+    assert_eq!(got.len(), 1);
+    assert_eq!(reader.active_users(wide), Ok(1));
+    assert_eq!(reader.analytics(wide, 5).expect("analytics").total, 1);
+}
+
+#[test]
+fn room_ties_are_in_byte_order_whatever_the_database_collation() {
+    let db = TestDb::new("collation");
+    let store = open(&db);
+    // A linguistic collation puts "a" before "Z"; byte order (every backend's) puts "Z" first.
+    db.client()
+        .batch_execute(
+            r#"ALTER TABLE user_rooms ALTER COLUMN room_id TYPE text COLLATE "und-x-icu";
+               ALTER TABLE room_minute ALTER COLUMN room_id TYPE text COLLATE "und-x-icu";"#,
+        )
+        .expect("ICU collation (PostgreSQL built with ICU)");
+    let mut w = store.writer().expect("writer");
+    assert_eq!(
+        w.write(&[record(1, "a", 1, "x", 5), record(2, "Z", 1, "y", 5)]),
+        Ok(2)
+    );
+    let mut r = store.reader().expect("reader");
+    let rooms: Vec<String> = r
+        .user_rooms(1)
+        .expect("user rooms")
+        .into_iter()
+        .map(|room| room.room_id)
+        .collect();
+    assert_eq!(rooms, ["Z", "a"]);
+    let top = r.analytics(everything(), 5).expect("analytics").top_rooms;
+    assert_eq!(top, [("Z".to_string(), 1), ("a".to_string(), 1)]);
+}

@@ -1146,7 +1146,8 @@ impl Reactor {
             username: msg.username.to_string(),
             message: msg.message.to_string(),
             message_type: msg.message_type,
-            client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339).unwrap_or(server_ts),
+            client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339)
+                .map_or(server_ts, protocol::utc_clamped),
             server_ts,
             node_id: self.node_id.clone(),
         };

@@ -17,7 +17,7 @@
 //!
 //! `docs/storage.md` explains the schema, the indexes and what each costs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use ::postgres::types::{ToSql, Type};
 use ::postgres::{Config, IsolationLevel, NoTls, Row, Statement};
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
-use time::{OffsetDateTime, PrimitiveDateTime};
+use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 use super::{
     Analytics, DeadLetter, Record, Store, StoreError, StoreReader, StoreWriter, Take, UserRoom,
@@ -38,9 +38,9 @@ use super::{
 type Manager = PostgresConnectionManager<NoTls>;
 type Conn = PooledConnection<Manager>;
 
-/// How long opening a connection, or waiting for a free one in the pool, may take. Short, so a
+/// How long opening a connection, or waiting for a free one in the pool, may take. Short (2 s), so a
 /// database that is down turns into `Unavailable` (and the breaker) instead of a hang.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Session settings of a reader's connection. The timeout bounds what one HTTP query can cost
 /// the database. Custom plans because every query is a time range whose width ranges from a
@@ -248,8 +248,10 @@ const USER_LAST: &str = "SELECT message_id, room_id, user_id, username, message,
      WHERE user_id = $1 AND server_ts >= $2 AND server_ts < $3 \
      ORDER BY server_ts DESC, message_id DESC LIMIT $4";
 
-const USER_ROOMS: &str = "SELECT room_id, first_ts, last_ts, messages FROM user_rooms \
-     WHERE user_id = $1 ORDER BY last_ts DESC, room_id";
+// Room ids tie-break in byte order (`COLLATE "C"`), as on every backend, whatever the
+// database's collation.
+const USER_ROOMS: &str = r#"SELECT room_id, first_ts, last_ts, messages FROM user_rooms
+     WHERE user_id = $1 ORDER BY last_ts DESC, room_id COLLATE "C""#;
 
 /// Distinct users: whole minutes from `user_minute` ($3..$4), the partial minutes at the two
 /// edges ($1..$5 and $6..$2) from `messages` through the BRIN index. An edge that is not
@@ -269,8 +271,9 @@ const TYPE_COUNTS: &str = "SELECT GROUPING(minute), minute, message_type, sum(me
      ORDER BY 1, 2, 3";
 const TOP_USERS: &str = "SELECT user_id, sum(messages)::bigint AS n FROM user_minute \
      WHERE minute >= $1 AND minute < $2 GROUP BY user_id ORDER BY n DESC, user_id LIMIT $3";
-const TOP_ROOMS: &str = "SELECT room_id, sum(messages)::bigint AS n FROM room_minute \
-     WHERE minute >= $1 AND minute < $2 GROUP BY room_id ORDER BY n DESC, room_id LIMIT $3";
+const TOP_ROOMS: &str = r#"SELECT room_id, sum(messages)::bigint AS n FROM room_minute
+     WHERE minute >= $1 AND minute < $2 GROUP BY room_id ORDER BY n DESC, room_id COLLATE "C"
+     LIMIT $3"#;
 
 /// The first and last minute with messages, from the primary key of `type_minute` (two index
 /// probes). `messages` has no btree on `server_ts` alone (it would cost every insert one more
@@ -351,6 +354,7 @@ impl PgStore {
             .test_on_check_out(true)
             // Open connections as they are needed: writers and readers start lazily.
             .min_idle(Some(0))
+            .error_handler(Box::new(PoolErrors))
             .build_unchecked(PostgresConnectionManager::new(config, NoTls));
         Ok(PgStore {
             pool,
@@ -426,6 +430,17 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
         )?;
     }
     tx.commit()
+}
+
+/// Logs the pool's own errors (a failed connect, a dead connection found at checkout) with
+/// their SQLSTATE or cause, where r2d2's default handler prints only "db error".
+#[derive(Debug)]
+struct PoolErrors;
+
+impl r2d2::HandleError<::postgres::Error> for PoolErrors {
+    fn handle_error(&self, e: ::postgres::Error) {
+        log::warn!("PostgreSQL pool: {}", describe(&e));
+    }
 }
 
 /// Takes a connection from the pool.
@@ -619,10 +634,14 @@ impl WriterSession {
     /// Stores `batch` in one transaction and returns how many rows were new: straight into
     /// `messages` when every id is new, through `staging` otherwise.
     fn write(&mut self, batch: &[Record]) -> Result<usize, ::postgres::Error> {
-        if repeats_an_id(batch) {
+        // In id order, like the staging insert: two writers holding the same redelivered ids
+        // then wait for each other in one order instead of deadlocking.
+        let mut rows: Vec<&Record> = batch.iter().collect();
+        rows.sort_unstable_by_key(|r| r.message_id);
+        if rows.windows(2).any(|w| w[0].message_id == w[1].message_id) {
             return self.write_staged(batch);
         }
-        match self.write_direct(batch) {
+        match self.write_direct(&rows) {
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 log::debug!(
                     "batch of {} has stored ids; going through staging",
@@ -636,18 +655,18 @@ impl WriterSession {
 
     /// COPY into `messages`, then the batch's counts into the rollups. One id already stored
     /// fails the COPY (23505) and rolls everything back.
-    fn write_direct(&mut self, batch: &[Record]) -> Result<usize, ::postgres::Error> {
+    fn write_direct(&mut self, rows: &[&Record]) -> Result<usize, ::postgres::Error> {
         let mut tx = self.conn.transaction()?;
         let mut copy = BinaryCopyInWriter::new(tx.copy_in(COPY_MESSAGES)?, &RECORD_TYPES);
         let mut counts = BatchCounts::default();
-        for r in batch {
+        for r in rows {
             copy_record(&mut copy, r)?;
             counts.add(r);
         }
         copy.finish()?;
         counts.apply(&mut tx, &self.add_rollups)?;
         tx.commit()?;
-        Ok(batch.len())
+        Ok(rows.len())
     }
 
     /// COPY into `staging`, then one statement inserts what is new and counts it.
@@ -683,8 +702,8 @@ impl WriterSession {
                     &username,
                     &r.message.as_bytes(),
                     &type_code(r.message_type),
-                    &r.client_ts,
-                    &r.server_ts,
+                    &utc(r.client_ts),
+                    &utc(r.server_ts),
                     &node,
                     &reason,
                 ],
@@ -702,15 +721,11 @@ fn text_safe(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Whether two records of `batch` have the same id (then COPY into `messages` would fail).
-fn repeats_an_id(batch: &[Record]) -> bool {
-    let mut seen = HashSet::with_capacity(batch.len());
-    !batch.iter().all(|r| seen.insert(r.message_id))
-}
-
-/// `t` as PostgreSQL stores it: truncated to the microsecond. Rounded here, downwards, so the
-/// minute a rollup counts a message in is the minute of the stored `server_ts`.
+/// `t` as PostgreSQL stores it: in UTC (see [`utc`]), truncated to the microsecond. Rounded
+/// here, downwards, so the minute a rollup counts a message in is the minute of the stored
+/// `server_ts`.
 fn stored_time(t: OffsetDateTime) -> OffsetDateTime {
+    let t = utc(t);
     t.checked_sub(time::Duration::nanoseconds(i64::from(
         t.nanosecond() % 1_000,
     )))
@@ -812,9 +827,10 @@ fn unzip3<A, B, C>(items: impl Iterator<Item = (A, B, C)>) -> (Vec<A>, Vec<B>, V
 }
 
 impl PgWriter {
-    /// Runs `op` on the writer's connection, acquiring one first if needed. After a failure
-    /// the session is dropped: the transaction was rolled back when it went out of scope, the
-    /// pool discards the connection if it is broken, and the next call prepares afresh.
+    /// Runs `op` on the writer's connection, acquiring one first if needed. A failed
+    /// transaction was rolled back when it went out of scope. After a refusal or a conflict
+    /// the connection is fine and kept; after anything else the session is dropped (the pool
+    /// discards the connection if it is broken) and the next call starts afresh.
     fn attempt<T>(
         &mut self,
         what: &str,
@@ -920,6 +936,7 @@ impl PgReader {
         limit: usize,
         take: Take,
     ) -> Result<Vec<Record>, StoreError> {
+        let window = in_utc(window);
         if limit == 0 || window.start >= window.end {
             return Ok(Vec::new());
         }
@@ -960,6 +977,29 @@ impl From<::postgres::Error> for ReadError {
 /// The latest instant a timestamp can hold here (the end of year 9999): rounding up past it
 /// clamps instead of overflowing.
 const LATEST: OffsetDateTime = PrimitiveDateTime::MAX.assume_utc();
+
+/// The earliest instant PostgreSQL's `timestamptz` can hold (4714 BC).
+const EARLIEST: OffsetDateTime = time::macros::datetime!(-4713-11-24 0:00 UTC);
+
+/// `t` in UTC, within what both sides can hold. The driver converts every timestamp to UTC
+/// and panics when that leaves the years ±9999, which a client's timestamp or a query's edge
+/// with an offset can do (`9999-12-31T23:59:59-05:00`); PostgreSQL refuses anything before
+/// 4714 BC. Such an instant is clamped to the nearest end instead.
+fn utc(t: OffsetDateTime) -> OffsetDateTime {
+    match t.checked_to_offset(UtcOffset::UTC) {
+        Some(t) => t.max(EARLIEST),
+        None if t.offset().is_negative() => LATEST,
+        None => EARLIEST,
+    }
+}
+
+/// `w` with both edges in UTC, so every time derived from it can be sent to PostgreSQL.
+fn in_utc(w: Window) -> Window {
+    Window {
+        start: utc(w.start),
+        end: utc(w.end),
+    }
+}
 
 fn later(t: OffsetDateTime, by: time::Duration) -> OffsetDateTime {
     t.checked_add(by).unwrap_or(LATEST)
@@ -1080,6 +1120,7 @@ impl StoreReader for PgReader {
     }
 
     fn active_users(&mut self, window: Window) -> Result<i64, StoreError> {
+        let window = in_utc(window);
         if window.start >= window.end {
             return Ok(0);
         }
@@ -1116,6 +1157,7 @@ impl StoreReader for PgReader {
     }
 
     fn analytics(&mut self, window: Window, top_n: usize) -> Result<Analytics, StoreError> {
+        let window = in_utc(window);
         if window.start >= window.end {
             return Ok(Analytics::default());
         }
