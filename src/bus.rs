@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+pub use crate::mailbox::Origin;
 use mio::Waker;
 
 /// A broadcast frame for one room, serialized and framed once. Every recipient on every reactor
@@ -28,14 +30,38 @@ pub type Batch = Vec<Fanout>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     /// A queue on the way is (nearly) full: the client gets `OVERLOADED`.
-    #[error("a reactor's broadcast queue is full")]
+    #[error("a queue on the way to the room is full")]
     Overloaded,
+    /// The bus cannot carry messages now (a broker is down, its breaker open): the client
+    /// gets `UNAVAILABLE`.
+    #[error("the message bus is unavailable")]
+    Unavailable,
+}
+
+/// One accepted message on its way to the rest of the room.
+pub struct Outgoing<'a> {
+    /// The room and the framed broadcast, for this node's reactors.
+    pub fanout: &'a Fanout,
+    /// The broadcast's JSON (the frame's payload), for other nodes and the store.
+    pub payload: &'a [u8],
+    /// Whom to tell when the bus holds the message durably (`ack_after = published`).
+    pub origin: Option<Origin>,
+}
+
+/// When a published message is durably in the bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Already: the in-process bus.
+    Now,
+    /// When the origin's reactor gets a [`crate::mailbox::Reply::Settled`] for it (a broker's
+    /// publisher confirm).
+    Later,
 }
 
 /// A reactor's handle for publishing; owned by that reactor thread.
 pub trait Publisher: Send {
-    /// Accepts `fanout` for every member outside the calling reactor, or refuses it whole.
-    fn publish(&mut self, fanout: &Fanout) -> Result<(), PublishError>;
+    /// Accepts the message for every member outside the calling reactor, or refuses it whole.
+    fn publish(&mut self, out: &Outgoing<'_>) -> Result<Accepted, PublishError>;
 
     /// Hands over what `publish` buffered. Called before the reactor writes the acks of this
     /// turn. Returns how many broadcasts were lost because a target reactor had stopped.
@@ -52,6 +78,23 @@ pub trait Bus: Send + Sync {
 
     /// A short name for logs and `/ready`.
     fn name(&self) -> &'static str;
+
+    /// True when the bus itself carries every message to the store (a broker's durable
+    /// persist queue); then reactors do not hand messages to the store's writers.
+    fn stores_messages(&self) -> bool {
+        false
+    }
+
+    /// Called by a reactor when its first member of `room` joins (`true`) or its last one
+    /// leaves (`false`), so a broker-backed bus subscribes the node to the rooms it serves.
+    fn room_active(&self, _room: &Arc<str>, _active: bool) {}
+
+    /// Appends the bus's own metrics to a `/metrics` text.
+    fn render_metrics(&self, _out: &mut String) {}
+
+    /// Called once the reactors have stopped: hand over what is buffered, settle what is in
+    /// flight, and stop, within `deadline`.
+    fn shutdown(&self, _deadline: std::time::Duration) {}
 }
 
 /// Where other threads put broadcasts for one reactor: a bounded channel and the reactor's
@@ -165,14 +208,21 @@ impl LocalBus {
     }
 }
 
+impl LocalPublisher {
+    /// A publisher for reactor `me` over the node's inboxes.
+    pub fn new(me: usize, inboxes: Arc<[Inbox]>) -> LocalPublisher {
+        LocalPublisher {
+            me,
+            pending: (0..inboxes.len()).map(|_| Vec::new()).collect(),
+            inboxes,
+            dropped: 0,
+        }
+    }
+}
+
 impl Bus for LocalBus {
     fn publisher(&self, reactor: usize) -> Box<dyn Publisher> {
-        Box::new(LocalPublisher {
-            me: reactor,
-            inboxes: self.inboxes.clone(),
-            pending: (0..self.inboxes.len()).map(|_| Vec::new()).collect(),
-            dropped: 0,
-        })
+        Box::new(LocalPublisher::new(reactor, self.inboxes.clone()))
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -187,7 +237,8 @@ impl Bus for LocalBus {
 /// Most broadcasts in one batch; a full batch is sent at once rather than at the next flush.
 const MAX_BATCH: usize = 256;
 
-struct LocalPublisher {
+/// The in-process publisher; broker-backed publishers use it for this node's reactors.
+pub struct LocalPublisher {
     me: usize,
     inboxes: Arc<[Inbox]>,
     /// Broadcasts buffered per target reactor until the next flush.
@@ -207,7 +258,19 @@ impl LocalPublisher {
 }
 
 impl Publisher for LocalPublisher {
-    fn publish(&mut self, fanout: &Fanout) -> Result<(), PublishError> {
+    fn publish(&mut self, out: &Outgoing<'_>) -> Result<Accepted, PublishError> {
+        self.publish_fanout(out.fanout)?;
+        Ok(Accepted::Now)
+    }
+
+    fn flush(&mut self) -> usize {
+        self.flush_batches()
+    }
+}
+
+impl LocalPublisher {
+    /// Queues `fanout` for every other reactor, or refuses it whole.
+    pub fn publish_fanout(&mut self, fanout: &Fanout) -> Result<(), PublishError> {
         let me = self.me;
         // Reserve a slot for every batch this message starts; all or none.
         for target in 0..self.inboxes.len() {
@@ -235,7 +298,8 @@ impl Publisher for LocalPublisher {
         Ok(())
     }
 
-    fn flush(&mut self) -> usize {
+    /// Hands over the batches; returns how many broadcasts were lost to stopped reactors.
+    pub fn flush_batches(&mut self) -> usize {
         for target in 0..self.pending.len() {
             if !self.pending[target].is_empty() {
                 self.send(target);
@@ -265,6 +329,14 @@ mod tests {
         (polls, boxes.into(), rxs)
     }
 
+    fn out(f: &Fanout) -> Outgoing<'_> {
+        Outgoing {
+            fanout: f,
+            payload: b"{}",
+            origin: None,
+        }
+    }
+
     fn fanout() -> Fanout {
         Fanout {
             room: "1".into(),
@@ -277,8 +349,8 @@ mod tests {
         let (_polls, boxes, rxs) = inboxes(3, 10);
         let bus = LocalBus::new(boxes);
         let mut p = bus.publisher(1);
-        p.publish(&fanout()).expect("room");
-        p.publish(&fanout()).expect("room");
+        p.publish(&out(&fanout())).expect("room");
+        p.publish(&out(&fanout())).expect("room");
         assert!(rxs[0].is_empty(), "nothing is sent before the flush");
         assert_eq!(p.flush(), 0);
         assert_eq!(rxs[0].try_recv().map(|b| b.len()), Ok(2));
@@ -292,32 +364,31 @@ mod tests {
     #[test]
     fn a_full_reactor_makes_publish_refuse_whole_and_never_drop() {
         let (_polls, boxes, rxs) = inboxes(3, 4);
-        let bus = LocalBus::new(boxes);
-        let mut a = bus.publisher(0);
-        let mut b = bus.publisher(1);
+        let mut a = LocalPublisher::new(0, boxes.clone());
+        let mut b = LocalPublisher::new(1, boxes);
         // Reactor 2 never drains: 4 slots in all.
         for _ in 0..2 {
-            a.publish(&fanout()).expect("room");
-            a.flush();
-            b.publish(&fanout()).expect("room");
-            b.flush();
+            a.publish_fanout(&fanout()).expect("room");
+            a.flush_batches();
+            b.publish_fanout(&fanout()).expect("room");
+            b.flush_batches();
         }
         // Each publisher may reach reactor 2 no more; nothing was dropped on the way.
-        assert_eq!(a.publish(&fanout()), Err(PublishError::Overloaded));
-        assert_eq!(b.publish(&fanout()), Err(PublishError::Overloaded));
+        assert_eq!(a.publish_fanout(&fanout()), Err(PublishError::Overloaded));
+        assert_eq!(b.publish_fanout(&fanout()), Err(PublishError::Overloaded));
         assert_eq!(rxs[2].len(), 4);
         // The refusal was whole: reactor 1 got nothing from the refused message.
-        assert_eq!(a.flush(), 0);
+        assert_eq!(a.flush_batches(), 0);
         assert_eq!(rxs[1].len(), 2);
         // A slot reserved while filling a batch holds until that batch is sent.
         let _ = rxs[2].try_recv();
-        a.publish(&fanout()).expect("one slot free");
+        a.publish_fanout(&fanout()).expect("one slot free");
         assert_eq!(
-            b.publish(&fanout()),
+            b.publish_fanout(&fanout()),
             Err(PublishError::Overloaded),
             "a's slot is taken"
         );
-        assert_eq!(a.flush(), 0);
+        assert_eq!(a.flush_batches(), 0);
         assert_eq!(rxs[2].len(), 4);
     }
 }

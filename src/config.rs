@@ -33,8 +33,30 @@ pub struct Config {
     pub reactors: usize,
     /// Name of this node in `/health` and metrics; empty means the host name. Default empty.
     pub node_id: String,
-    /// Message bus: `local` (in-process, one node). Default `local`.
+    /// Message bus: `local` (in-process, one node) or `amqp://USER:PASS@HOST:PORT/VHOST`
+    /// (RabbitMQ, many nodes). Default `local`.
     pub bus: String,
+    /// Prefix of every RabbitMQ exchange and queue name, to run separate deployments (or
+    /// tests) on one broker. Default empty.
+    pub amqp_namespace: String,
+    /// Publisher threads, each with its own connection and confirm window. Default 2.
+    pub amqp_publishers: usize,
+    /// Most chat messages of one room in one AMQP message. Default 64.
+    pub amqp_batch_max: usize,
+    /// Most AMQP messages published and not yet confirmed, per publisher. Default 1000.
+    pub amqp_confirm_window: usize,
+    /// Messages waiting for the publishers before senders get OVERLOADED. Default 65536.
+    pub amqp_queue_messages: usize,
+    /// Longest a publish may wait for the broker's confirm before the sender gets
+    /// UNAVAILABLE, milliseconds. Default 10000.
+    pub amqp_confirm_timeout_ms: u64,
+    /// A node's fan-out queue is deleted by the broker after this long without a consumer,
+    /// and its messages expire after it, milliseconds. Default 60000.
+    pub amqp_node_queue_ttl_ms: u64,
+    /// Most messages a node's fan-out queue holds; the oldest are dropped. Default 100000.
+    pub amqp_node_queue_max_length: u64,
+    /// Unacknowledged deliveries a consumer may hold. Default 1000.
+    pub amqp_prefetch: u16,
     /// When acks are sent: `received`, `published` or `persisted`. Default `published`.
     pub ack_after: AckAfter,
     /// Where messages are stored: `sqlite:PATH`, `postgres://...` or `memory`.
@@ -127,6 +149,15 @@ impl Default for Config {
             reactors: 0,
             node_id: String::new(),
             bus: "local".into(),
+            amqp_namespace: String::new(),
+            amqp_publishers: 2,
+            amqp_batch_max: 64,
+            amqp_confirm_window: 1000,
+            amqp_queue_messages: 65_536,
+            amqp_confirm_timeout_ms: 10_000,
+            amqp_node_queue_ttl_ms: 60_000,
+            amqp_node_queue_max_length: 100_000,
+            amqp_prefetch: 1000,
             ack_after: AckAfter::Published,
             store: DEFAULT_STORE.into(),
             writer_threads: 2,
@@ -265,11 +296,33 @@ impl Config {
     /// Checks the rules that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
-        if self.bus != "local" {
+        if self.bus != "local" && !self.bus.starts_with("amqp://") {
             return fail(format!(
-                "bus {:?} is not supported: this build has the in-process bus only (`local`)",
-                self.bus
+                "bus {:?} is not one of local or amqp://USER:PASS@HOST:PORT/VHOST",
+                crate::store::redact(&self.bus)
             ));
+        }
+        if self.bus.starts_with("amqp://") {
+            if self.ack_after == AckAfter::Persisted {
+                return fail(
+                    "ack_after = \"persisted\" is not available with the amqp bus yet; use \"published\" (the broker's confirm of a durable message)".into(),
+                );
+            }
+            if self.amqp_publishers == 0
+                || self.amqp_batch_max == 0
+                || self.amqp_confirm_window == 0
+                || self.amqp_queue_messages == 0
+                || self.amqp_prefetch == 0
+            {
+                return fail("amqp_publishers, amqp_batch_max, amqp_confirm_window, amqp_queue_messages and amqp_prefetch must be at least 1".into());
+            }
+            if !self
+                .amqp_namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+            {
+                return fail("amqp_namespace may hold only A-Z, a-z, 0-9, '.', '_' and '-'".into());
+            }
         }
         let store_ok = self.store == "memory"
             || self
@@ -476,6 +529,23 @@ impl Config {
         Duration::from_millis(self.persist_timeout_ms)
     }
 
+    /// The RabbitMQ bus's settings (meaningful when `bus` is an `amqp://` URL).
+    pub fn amqp_settings(&self) -> crate::amqp::AmqpSettings {
+        crate::amqp::AmqpSettings {
+            url: self.bus.clone(),
+            namespace: self.amqp_namespace.clone(),
+            node_id: self.resolved_node_id(),
+            publishers: self.amqp_publishers,
+            batch_max: self.amqp_batch_max,
+            confirm_window: self.amqp_confirm_window,
+            queue_messages: self.amqp_queue_messages,
+            confirm_timeout: Duration::from_millis(self.amqp_confirm_timeout_ms),
+            node_queue_ttl: Duration::from_millis(self.amqp_node_queue_ttl_ms),
+            node_queue_max_length: self.amqp_node_queue_max_length,
+            prefetch: self.amqp_prefetch,
+        }
+    }
+
     /// The store's backend settings.
     pub fn store_options(&self) -> crate::store::StoreOptions {
         let auto = (self.writer_threads + self.query_threads + 1).min(u32::MAX as usize) as u32;
@@ -513,6 +583,7 @@ impl Config {
             c.auth_secret = "<redacted>".into();
         }
         c.store = crate::store::redact(&c.store);
+        c.bus = crate::store::redact(&c.bus);
         c
     }
 }
@@ -628,6 +699,20 @@ mod tests {
         assert!(!c.to_toml().contains("a-very-secret-value-1234"));
         assert!(!format!("{c:?}").contains("a-very-secret-value-1234"));
         assert!(c.to_toml().contains("auth_secret = \"<redacted>\""));
+        let c = Config {
+            store: "postgres://chat:db-password-9@db:5432/chat".into(),
+            bus: "amqp://chat:mq-password-7@mq:5672/%2f".into(),
+            ..Config::default()
+        };
+        let shown = c.to_toml();
+        assert!(
+            !shown.contains("db-password-9") && !shown.contains("mq-password-7"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("postgres://chat:***@db:5432/chat"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -661,8 +746,31 @@ mod tests {
     fn bad_values_are_explained() {
         let err = Config::load(None, env(&[("CHATFLOW_MAX_CONNECTIONS", "lots")])).unwrap_err();
         assert!(err.to_string().contains("max_connections"), "{err}");
-        let err = Config::load(None, env(&[("CHATFLOW_BUS", "amqp://x")])).unwrap_err();
+        let err = Config::load(None, env(&[("CHATFLOW_BUS", "kafka://x")])).unwrap_err();
         assert!(err.to_string().contains("bus"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[
+                ("CHATFLOW_BUS", "amqp://guest:secret@h:5672/%2f"),
+                ("CHATFLOW_ACK_AFTER", "persisted"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not available with the amqp bus"),
+            "{err}"
+        );
+        let err = Config::load(None, env(&[("CHATFLOW_STORE", "mysql://x")])).unwrap_err();
+        assert!(err.to_string().contains("sqlite:PATH"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[
+                ("CHATFLOW_STORE", "postgres://u:hunter2@h/db"),
+                ("CHATFLOW_WRITER_BATCH_MAX", "0"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("writer_batch_max"), "{err}");
         let err = Config::load(
             None,
             env(&[("CHATFLOW_OUTPUT_SOFT_LIMIT_BYTES", "9999999")]),

@@ -7,6 +7,7 @@
 //! and [`server`] starts and stops the node.
 #![deny(missing_docs)]
 
+pub mod amqp;
 pub mod auth;
 pub mod bus;
 pub mod chat;

@@ -11,7 +11,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
-/// A message's commit (or failure) reported to the reactor of its sender.
+/// Where to report that a message is settled: the sender's reactor, connection and the
+/// message's sequence number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The sender's reactor.
+    pub reactor: usize,
+    /// The connection's slab key there.
+    pub token: usize,
+    /// The connection's unique id, so a reused slab key is not mistaken for it.
+    pub conn: u64,
+    /// The message's sequence number on that connection.
+    pub seq: u64,
+}
+
+/// A message's commit or publisher confirm (or failure) reported to its sender's reactor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completion {
     /// The connection's slab key.
@@ -27,8 +41,9 @@ pub struct Completion {
 /// What a reactor can be told.
 #[derive(Debug)]
 pub enum Reply {
-    /// Messages of this reactor's connections committed (or failed), in commit order.
-    Persisted(Vec<Completion>),
+    /// Messages of this reactor's connections are settled (committed, or confirmed by the
+    /// broker) or failed.
+    Settled(Vec<Completion>),
     /// The HTTP response to a query a connection is waiting for.
     Http {
         /// The connection's slab key.

@@ -12,7 +12,8 @@ use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::bus::{Inbox, LocalBus};
+use crate::amqp::AmqpBus;
+use crate::bus::{Bus, Inbox, LocalBus};
 use crate::chat::Presence;
 use crate::config::Config;
 use crate::mailbox::Mailbox;
@@ -42,6 +43,14 @@ pub enum StartError {
         spec: String,
         /// Why.
         source: crate::store::StoreError,
+    },
+    /// The message bus could not be reached or set up.
+    #[error("cannot start the bus {url}: {message}")]
+    Bus {
+        /// The bus, password redacted.
+        url: String,
+        /// Why.
+        message: String,
     },
     /// Setting up a poll, waker or thread failed.
     #[error("cannot start reactor {reactor}: {source}")]
@@ -119,8 +128,38 @@ impl Server {
         }
         let inboxes: Arc<[Inbox]> = inboxes.into();
         let mailboxes: Arc<[Mailbox]> = mailboxes.into();
-        let writers = WriterPool::start(&store, &config.writer_options(), mailboxes.clone())
-            .map_err(store_fail)?;
+        let amqp = config.bus.starts_with("amqp://");
+        // With RabbitMQ, the writers are fed by the persist queue's consumer and report back
+        // to it which deliveries are stored.
+        let (deliveries_tx, deliveries_rx) =
+            crossbeam_channel::bounded(usize::from(config.amqp_prefetch).max(1) * 4);
+        let writers = WriterPool::start(
+            &store,
+            &config.writer_options(),
+            mailboxes.clone(),
+            amqp.then_some(deliveries_tx),
+        )
+        .map_err(store_fail)?;
+        let bus: Box<dyn Bus> = if amqp {
+            match AmqpBus::start(
+                config.amqp_settings(),
+                inboxes.clone(),
+                mailboxes.clone(),
+                writers.queue(),
+                deliveries_rx,
+            ) {
+                Ok(bus) => Box::new(bus),
+                Err(message) => {
+                    writers.close(Duration::ZERO);
+                    return Err(StartError::Bus {
+                        url: crate::store::redact(&config.bus),
+                        message,
+                    });
+                }
+            }
+        } else {
+            Box::new(LocalBus::new(inboxes.clone()))
+        };
         let queries = QueryPool::start(
             &store,
             config.query_threads,
@@ -142,7 +181,7 @@ impl Server {
             stats: (0..reactors)
                 .map(|_| Arc::new(SharedStats::default()))
                 .collect(),
-            bus: Box::new(LocalBus::new(inboxes.clone())),
+            bus,
             store: StoreHandle {
                 kind: store.kind(),
                 queue: writers.queue(),
@@ -231,7 +270,9 @@ impl Server {
                 log::error!("a reactor thread panicked");
             }
         }
-        self.writers.close(self.shared.config.shutdown_timeout());
+        let deadline = self.shared.config.shutdown_timeout();
+        self.shared.bus.shutdown(deadline);
+        self.writers.close(deadline);
     }
 }
 

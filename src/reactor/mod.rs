@@ -28,16 +28,16 @@ use tungstenite::{Error as WsError, Message};
 pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
 
 use crate::auth;
-use crate::bus::{Batch, Bus, Fanout, Inbox, PublishError, Publisher};
+use crate::bus::{Accepted, Batch, Bus, Fanout, Inbox, Outgoing, PublishError, Publisher};
 use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
 use crate::config::{AckAfter, Config, normalize_origin};
 use crate::http::{self, Route, Status};
-use crate::mailbox::{Completion, Mailbox, Reply};
+use crate::mailbox::{Completion, Mailbox, Origin, Reply};
 use crate::metrics::{Disconnect, NodeGauges, ReactorStats, SharedStats};
 use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
 use crate::store::Record;
 use crate::store::query::{QueryPool, ReplyTo};
-use crate::store::writer::{Origin, Persist, StoreQueue};
+use crate::store::writer::{Persist, StoreQueue};
 
 /// Token of the listener.
 const LISTENER: Token = Token(usize::MAX);
@@ -136,6 +136,7 @@ impl Shared {
             },
         );
         crate::store::render_metrics(&mut text, &self.store.queue, &self.store.queries);
+        self.bus.render_metrics(&mut text);
         text
     }
 
@@ -244,6 +245,8 @@ pub struct Reactor {
     /// Commits and query answers from the store's threads.
     replies: Receiver<Reply>,
     next_uid: u64,
+    /// The bus carries messages to the store itself (see [`Bus::stores_messages`]).
+    bus_stores: bool,
     /// This node's id, shared by every stored record.
     node_id: Arc<str>,
     publisher: Box<dyn Publisher>,
@@ -293,6 +296,7 @@ impl Reactor {
             .max_frame_size(Some(config.max_message_bytes));
         let now = Instant::now();
         let node_id: Arc<str> = shared.node_id.as_str().into();
+        let bus_stores = shared.bus.stores_messages();
         Ok(Reactor {
             id,
             poll,
@@ -309,6 +313,7 @@ impl Reactor {
             inbox,
             replies,
             next_uid: 0,
+            bus_stores,
             node_id,
             members: RoomMembers::default(),
             ws_config,
@@ -853,7 +858,13 @@ impl Reactor {
                 Role::Server,
                 Some(self.ws_config),
             ),
-            room: self.members.join(room, t),
+            room: {
+                let name = self.members.join(room, t);
+                if self.members.members(&name).len() == 1 {
+                    self.shared.bus.room_active(&name, true);
+                }
+                name
+            },
             rate,
             joins: ConnJoins::default(),
             paused: false,
@@ -1075,62 +1086,110 @@ impl Reactor {
     fn accept_message(&mut self, t: usize, room: &Arc<str>, msg: &ChatMessage<'_>) {
         let id = msg.message_id();
         let server_ts = OffsetDateTime::now_utc();
-        let persisted = self.shared.config.ack_after == AckAfter::Persisted;
+        let ack_after = self.shared.config.ack_after;
+        // A broker-backed bus carries every message to the store itself (its persist queue);
+        // otherwise the reactor hands it to the store's writers.
+        let bus_stores = self.bus_stores;
         let client_message_id = || msg.client_message_id.as_deref().map(str::to_owned);
 
         // Policy: room in the store's queue is reserved before anyone sees the message, so a
         // message that is broadcast can always be stored; without room it is refused whole.
-        let queue = &self.shared.store.queue;
-        let refusal = if persisted && queue.breaker.is_open() {
-            Some((
-                ErrorCode::Unavailable,
-                "the store is failing; this message was not stored; retry later",
-            ))
-        } else if !queue.reserve() {
-            Some(if queue.breaker.is_open() {
-                (
+        if !bus_stores {
+            let queue = &self.shared.store.queue;
+            let refusal = if ack_after == AckAfter::Persisted && queue.breaker.is_open() {
+                Some((
                     ErrorCode::Unavailable,
-                    "the store is unreachable and its queue is full; this message was not stored; retry later",
-                )
+                    "the store is failing; this message was not stored; retry later",
+                ))
+            } else if !queue.reserve() {
+                Some(if queue.breaker.is_open() {
+                    (
+                        ErrorCode::Unavailable,
+                        "the store is unreachable and its queue is full; this message was not stored; retry later",
+                    )
+                } else {
+                    (
+                        ErrorCode::Overloaded,
+                        "the store's queue is full; the server is shedding load; retry later",
+                    )
+                })
             } else {
-                (
-                    ErrorCode::Overloaded,
-                    "the store's queue is full; the server is shedding load; retry later",
-                )
-            })
-        } else {
-            None
-        };
-        if let Some((code, why)) = refusal {
-            let mut r = Rejection::whole(code, why);
-            r.client_message_id = client_message_id();
-            self.reject(t, &r);
-            return;
+                None
+            };
+            if let Some((code, why)) = refusal {
+                let mut r = Rejection::whole(code, why);
+                r.client_message_id = client_message_id();
+                self.reject(t, &r);
+                return;
+            }
         }
+
+        // Whether the ack waits for a settlement (a commit, or the broker's confirm), and the
+        // sequence number it waits under.
+        let waits = match ack_after {
+            AckAfter::Received => false,
+            AckAfter::Published => bus_stores,
+            AckAfter::Persisted => !bus_stores,
+        };
+        let origin = match self.conns.get_mut(t).map(|c| (c.uid, &mut c.phase)) {
+            Some((uid, Phase::Open(session))) if waits => {
+                session.next_seq += 1;
+                Some(Origin {
+                    reactor: self.id,
+                    token: t,
+                    conn: uid,
+                    seq: session.next_seq,
+                })
+            }
+            _ => None,
+        };
 
         let mut body = mem::take(&mut self.scratch);
         body.clear();
         body.extend_from_slice(protocol::BROADCAST_PREFIX);
         protocol::write_echo_fields(&mut body, msg, id, room, server_ts);
-        let echo = &body[protocol::BROADCAST_PREFIX.len()..];
 
         let local_others = self.members.members(room).len() > 1;
         let remote = self.shared.inboxes.len() > 1;
-        if local_others || remote {
+        let mut accepted = Accepted::Now;
+        if local_others || remote || bus_stores {
             let fanout = Fanout {
                 room: room.clone(),
                 frame: shared_text_frame(&body),
             };
-            if remote && let Err(PublishError::Overloaded) = self.publisher.publish(&fanout) {
-                self.shared.store.queue.unreserve();
-                let mut r = Rejection::whole(
-                    ErrorCode::Overloaded,
-                    "the server is shedding load; retry later",
-                );
-                r.client_message_id = client_message_id();
-                self.scratch = body;
-                self.reject(t, &r);
-                return;
+            if remote || bus_stores {
+                let out = Outgoing {
+                    fanout: &fanout,
+                    payload: &body,
+                    origin: if ack_after == AckAfter::Published {
+                        origin
+                    } else {
+                        None
+                    },
+                };
+                match self.publisher.publish(&out) {
+                    Ok(a) => accepted = a,
+                    Err(e) => {
+                        if !bus_stores {
+                            self.shared.store.queue.unreserve();
+                        }
+                        let (code, why) = match e {
+                            PublishError::Overloaded => (
+                                ErrorCode::Overloaded,
+                                "the server is shedding load; retry later",
+                            ),
+                            PublishError::Unavailable => (
+                                ErrorCode::Unavailable,
+                                "the message bus is unreachable; this message was not sent or stored; retry later",
+                            ),
+                        };
+                        let mut r = Rejection::whole(code, why);
+                        r.client_message_id = client_message_id();
+                        self.scratch = body;
+                        self.reject(t, &r);
+                        return;
+                    }
+                }
             }
             self.deliver(&fanout, Some(t));
         }
@@ -1139,70 +1198,65 @@ impl Reactor {
             self.update_presence(t, room, msg);
         }
 
-        let record = Record {
-            message_id: id,
-            room_id: room.clone(),
-            user_id: i32::try_from(msg.user_id).unwrap_or(i32::MAX),
-            username: msg.username.to_string(),
-            message: msg.message.to_string(),
-            message_type: msg.message_type,
-            client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339)
-                .map_or(server_ts, protocol::utc_clamped),
-            server_ts,
-            node_id: self.node_id.clone(),
-        };
-        let Some(conn) = self.conns.get_mut(t) else {
-            // The sender is gone; the message is still stored.
-            let _ = self.shared.store.queue.send_reserved(Persist {
+        if !bus_stores {
+            let record = Record {
+                message_id: id,
+                room_id: room.clone(),
+                user_id: i32::try_from(msg.user_id).unwrap_or(i32::MAX),
+                username: msg.username.to_string(),
+                message: msg.message.to_string(),
+                message_type: msg.message_type,
+                client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339)
+                    .map_or(server_ts, protocol::utc_clamped),
+                server_ts,
+                node_id: self.node_id.clone(),
+            };
+            let origin = if ack_after == AckAfter::Persisted {
+                origin
+            } else {
+                None
+            };
+            let persist = Persist {
                 record,
-                origin: None,
-            });
+                origin,
+                delivery: None,
+            };
+            if !self.shared.store.queue.send_reserved(persist) {
+                // Only possible once the writers have stopped, which happens after the reactors.
+                log::error!("reactor {}: the store's writers are gone", self.id);
+            }
+        }
+        self.stats.message(msg.message_type);
+
+        let echo = &body[protocol::BROADCAST_PREFIX.len()..];
+        let Some(conn) = self.conns.get_mut(t) else {
             self.scratch = body;
             return;
         };
-        let waiting = match &mut conn.phase {
-            Phase::Open(session) if persisted => {
-                session.next_seq += 1;
-                Some((session.next_seq, conn.uid))
-            }
-            _ => None,
-        };
-        let origin = waiting.map(|(seq, uid)| Origin {
-            reactor: self.id,
-            token: t,
-            conn: uid,
-            seq,
-        });
-        if !self
-            .shared
-            .store
-            .queue
-            .send_reserved(Persist { record, origin })
-        {
-            // Only possible once the writers have stopped, which happens after the reactors.
-            log::error!("reactor {}: the store's writers are gone", self.id);
-        }
-        self.stats.message(msg.message_type);
-        match (waiting, &mut conn.phase) {
-            (Some((seq, _)), Phase::Open(session)) => {
+        let pending = match (origin, &mut conn.phase) {
+            (Some(o), Phase::Open(session))
+                if ack_after == AckAfter::Persisted || accepted == Accepted::Later =>
+            {
                 session.pending.push_back(PendingAck {
-                    seq,
+                    seq: o.seq,
                     echo: echo.to_vec(),
                     client_message_id: client_message_id(),
                     since: self.now,
                     outcome: None,
                 });
+                true
             }
-            _ => {
-                let mut header = [0u8; 10];
-                let n = write_text_header(protocol::ACK_PREFIX.len() + echo.len(), &mut header);
-                conn.out.push_owned(&header[..n], &mut self.pool);
-                conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
-                conn.out.push_owned(echo, &mut self.pool);
-                self.stats.acks.inc();
-                self.stats.frames_out.inc();
-                self.mark_dirty(t);
-            }
+            _ => false,
+        };
+        if !pending {
+            let mut header = [0u8; 10];
+            let n = write_text_header(protocol::ACK_PREFIX.len() + echo.len(), &mut header);
+            conn.out.push_owned(&header[..n], &mut self.pool);
+            conn.out.push_owned(protocol::ACK_PREFIX, &mut self.pool);
+            conn.out.push_owned(echo, &mut self.pool);
+            self.stats.acks.inc();
+            self.stats.frames_out.inc();
+            self.mark_dirty(t);
         }
         self.scratch = body;
     }
@@ -1212,7 +1266,7 @@ impl Reactor {
         self.shared.mailboxes[self.id].clear_notified();
         while let Ok(reply) = self.replies.try_recv() {
             match reply {
-                Reply::Persisted(completions) => {
+                Reply::Settled(completions) => {
                     let mut touched = Vec::new();
                     for c in completions {
                         if self.record_outcome(&c) && touched.last() != Some(&c.token) {
@@ -1516,6 +1570,9 @@ impl Reactor {
 
     fn end_session(&mut self, t: usize, session: &Session) {
         self.members.leave(&session.room, t);
+        if self.members.members(&session.room).is_empty() {
+            self.shared.bus.room_active(&session.room, false);
+        }
         if !session.joins.users().is_empty() {
             self.shared
                 .presence

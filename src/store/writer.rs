@@ -26,21 +26,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{DeadLetter, Record, Store, StoreError, StoreWriter};
+pub use crate::mailbox::Origin;
 use crate::mailbox::{Completion, Mailbox, Reply};
 use crate::metrics::Histogram;
-
-/// Where to report a message's commit: the sender's reactor, connection and sequence number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Origin {
-    /// The sender's reactor.
-    pub reactor: usize,
-    /// The connection's slab key there.
-    pub token: usize,
-    /// The connection's unique id, so a reused slab key is not mistaken for it.
-    pub conn: u64,
-    /// The message's sequence number on that connection.
-    pub seq: u64,
-}
 
 /// A message on its way to the store.
 #[derive(Debug)]
@@ -49,7 +37,13 @@ pub struct Persist {
     pub record: Record,
     /// Who waits for the commit (with `ack_after = persisted`).
     pub origin: Option<Origin>,
+    /// The broker delivery the message came in, acknowledged to the broker after the commit.
+    pub delivery: Option<u64>,
 }
+
+/// The fate of the messages of broker deliveries, after their batch: (delivery tag, stored
+/// or dead-lettered). A message given up at shutdown is not reported: the broker redelivers.
+pub type DeliveryOutcomes = Vec<(u64, bool)>;
 
 /// Writer pool settings.
 #[derive(Clone, Debug)]
@@ -229,11 +223,13 @@ pub struct WriterPool {
 }
 
 impl WriterPool {
-    /// Starts the writers for `store`; completions go to `mailboxes` (index = reactor id).
+    /// Starts the writers for `store`; completions go to `mailboxes` (index = reactor id), and
+    /// those of broker deliveries to `deliveries`.
     pub fn start(
         store: &Arc<dyn Store>,
         options: &WriterOptions,
         mailboxes: Arc<[Mailbox]>,
+        deliveries: Option<Sender<DeliveryOutcomes>>,
     ) -> Result<WriterPool, StoreError> {
         let threads = options.threads.clamp(1, store.max_writers().max(1));
         let (tx, rx) = crossbeam_channel::bounded(options.queue_capacity.max(1));
@@ -260,6 +256,7 @@ impl WriterPool {
                 rx: rx.clone(),
                 queue: queue.clone(),
                 mailboxes: mailboxes.clone(),
+                deliveries: deliveries.clone(),
                 options: options.clone(),
                 closing: closing.clone(),
             };
@@ -298,6 +295,7 @@ struct Writer {
     rx: Receiver<(Persist, Instant)>,
     queue: Arc<StoreQueue>,
     mailboxes: Arc<[Mailbox]>,
+    deliveries: Option<Sender<DeliveryOutcomes>>,
     options: WriterOptions,
     closing: Arc<OnceLock<Instant>>,
 }
@@ -351,10 +349,18 @@ impl Writer {
         stats.batch_size.observe(records.len() as f64);
         let now = Instant::now();
         let mut by_reactor: HashMap<usize, Vec<Completion>> = HashMap::new();
+        let mut outcomes = DeliveryOutcomes::new();
         for ((p, queued), fate) in batch.drain(..).zip(fates) {
             stats
                 .commit_lag_seconds
                 .observe(now.duration_since(queued).as_secs_f64());
+            if let Some(tag) = p.delivery {
+                match &fate {
+                    Fate::Stored => outcomes.push((tag, true)),
+                    Fate::DeadLettered(_) => outcomes.push((tag, false)),
+                    Fate::Abandoned(_) => {}
+                }
+            }
             if let Some(o) = p.origin {
                 let result = match fate {
                     Fate::Stored => Ok(()),
@@ -373,10 +379,16 @@ impl Writer {
                 });
             }
         }
+        if !outcomes.is_empty()
+            && let Some(tx) = &self.deliveries
+        {
+            // The consumer has stopped when this fails; the broker redelivers what it holds.
+            let _ = tx.send(outcomes);
+        }
         for (reactor, completions) in by_reactor {
             if let Some(mailbox) = self.mailboxes.get(reactor) {
                 // A reactor that has stopped no longer has anyone to ack.
-                let _ = mailbox.send(Reply::Persisted(completions));
+                let _ = mailbox.send(Reply::Settled(completions));
             }
         }
     }
