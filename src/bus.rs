@@ -97,45 +97,28 @@ pub trait Bus: Send + Sync {
     fn shutdown(&self, _deadline: std::time::Duration) {}
 }
 
-/// Where other threads put broadcasts for one reactor: a bounded channel and the reactor's
-/// waker.
-///
-/// Policy when full: a publisher reserves a slot for every batch it starts *before* it accepts
-/// the message, and [`LocalPublisher::publish`] refuses the message whole (the sender gets
-/// `OVERLOADED`, no member anywhere gets it) when any target has no slot left. A reserved slot
-/// cannot be taken by anyone else, so a batch that was reserved is never dropped and an ack
-/// never claims a delivery that could still fail.
-pub struct Inbox {
-    tx: Sender<Batch>,
-    waker: Arc<Waker>,
-    /// Set when a wake-up is pending, so a burst of batches costs one `eventfd` write.
-    notified: AtomicBool,
-    /// Slots promised to batches being filled. Invariant: queued + reserved <= capacity.
+/// Slots promised ahead of a send into a bounded channel, so that whoever reserved one can
+/// always send later: the invariant is queued + reserved <= capacity.
+pub struct Reservations {
     reserved: AtomicUsize,
     capacity: usize,
 }
 
-impl Inbox {
-    /// An inbox of `capacity` batches waking `waker`; returns the receiving end too.
-    pub fn new(capacity: usize, waker: Arc<Waker>) -> (Inbox, Receiver<Batch>) {
-        let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (
-            Inbox {
-                tx,
-                waker,
-                notified: AtomicBool::new(false),
-                reserved: AtomicUsize::new(0),
-                capacity,
-            },
-            rx,
-        )
+impl Reservations {
+    /// Room for `capacity` items, none reserved.
+    pub fn new(capacity: usize) -> Reservations {
+        Reservations {
+            reserved: AtomicUsize::new(0),
+            capacity,
+        }
     }
 
-    /// Promises one slot to a batch that will be sent later; false when the queue is full.
-    pub fn reserve(&self) -> bool {
+    /// Reserves one slot unless `queued` (the channel's length now) plus the slots already
+    /// reserved reach the capacity.
+    pub fn reserve(&self, queued: usize) -> bool {
         let mut reserved = self.reserved.load(Ordering::Acquire);
         loop {
-            if self.tx.len() + reserved >= self.capacity {
+            if queued + reserved >= self.capacity {
                 return false;
             }
             match self.reserved.compare_exchange_weak(
@@ -150,9 +133,57 @@ impl Inbox {
         }
     }
 
+    /// Gives back one slot (unused, or used now that its item is in the channel).
+    pub fn release(&self) {
+        self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Where other threads put broadcasts for one reactor: a bounded channel and the reactor's
+/// waker.
+///
+/// Policy when full: a publisher reserves a slot for every batch it starts *before* it accepts
+/// the message, and [`LocalPublisher::publish`] refuses the message whole (the sender gets
+/// `OVERLOADED`, no member anywhere gets it) when any target has no slot left. A reserved slot
+/// cannot be taken by anyone else, so a batch that was reserved is never dropped and an ack
+/// never claims a delivery that could still fail.
+pub struct Inbox {
+    tx: Sender<Batch>,
+    waker: Arc<Waker>,
+    /// Set when a wake-up is pending, so a burst of batches costs one `eventfd` write.
+    notified: AtomicBool,
+    /// Slots promised to batches being filled.
+    slots: Reservations,
+}
+
+impl Inbox {
+    /// An inbox of `capacity` batches waking `waker`; returns the receiving end too.
+    pub fn new(capacity: usize, waker: Arc<Waker>) -> (Inbox, Receiver<Batch>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        (
+            Inbox {
+                tx,
+                waker,
+                notified: AtomicBool::new(false),
+                slots: Reservations::new(capacity),
+            },
+            rx,
+        )
+    }
+
+    /// Promises one slot to a batch that will be sent later; false when the queue is full.
+    pub fn reserve(&self) -> bool {
+        self.slots.reserve(self.tx.len())
+    }
+
     /// Gives back a slot that will not be used.
     pub fn unreserve(&self) {
-        self.reserved.fetch_sub(1, Ordering::AcqRel);
+        self.slots.release();
     }
 
     /// Sends a batch into a slot reserved with [`Inbox::reserve`]. `Err` returns it only when
@@ -192,7 +223,7 @@ impl Inbox {
 
     /// Batches the queue holds at most.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.slots.capacity()
     }
 }
 

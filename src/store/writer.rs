@@ -18,7 +18,7 @@
 //!   [`Completion`]; with `ack_after = persisted` that is when the client's ack is written.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{DeadLetter, Record, Store, StoreError, StoreWriter};
+use crate::bus::Reservations;
 pub use crate::mailbox::Origin;
 use crate::mailbox::{Completion, Mailbox, Reply};
 use crate::metrics::Histogram;
@@ -161,8 +162,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// The reactors' side of the writer pool: reserve, send, and read the breaker.
 pub struct StoreQueue {
     tx: Sender<(Persist, Instant)>,
-    reserved: AtomicUsize,
-    capacity: usize,
+    slots: Reservations,
     /// The breaker.
     pub breaker: Breaker,
     /// Counters.
@@ -173,27 +173,16 @@ impl StoreQueue {
     /// Promises one slot to a message that will be sent with [`StoreQueue::send_reserved`];
     /// false when the queue is full.
     pub fn reserve(&self) -> bool {
-        let mut reserved = self.reserved.load(Ordering::Acquire);
-        loop {
-            if self.tx.len() + reserved >= self.capacity {
-                self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-            match self.reserved.compare_exchange_weak(
-                reserved,
-                reserved + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return true,
-                Err(now) => reserved = now,
-            }
+        let ok = self.slots.reserve(self.tx.len());
+        if !ok {
+            self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
         }
+        ok
     }
 
     /// Gives back a slot that will not be used.
     pub fn unreserve(&self) {
-        self.reserved.fetch_sub(1, Ordering::AcqRel);
+        self.slots.release();
     }
 
     /// Sends into a reserved slot. False when the writers are gone (after shutdown).
@@ -210,7 +199,7 @@ impl StoreQueue {
 
     /// Most messages the queue holds.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.slots.capacity()
     }
 }
 
@@ -235,8 +224,7 @@ impl WriterPool {
         let (tx, rx) = crossbeam_channel::bounded(options.queue_capacity.max(1));
         let queue = Arc::new(StoreQueue {
             tx,
-            reserved: AtomicUsize::new(0),
-            capacity: options.queue_capacity.max(1),
+            slots: Reservations::new(options.queue_capacity.max(1)),
             breaker: Breaker::default(),
             stats: WriterStats {
                 batch_size: Histogram::new(BATCH_SIZE_BUCKETS),
