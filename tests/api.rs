@@ -10,8 +10,7 @@ mod util;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,52 +19,14 @@ use chatflow::config::{AckAfter, Config};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use util::pg::TestDb;
+use util::stores::{Backend, on_every_store};
 use util::{Client, HttpReply, TestServer, WAIT, http, metric_in, try_ws};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
 // Backends
 
-/// The store of one test: memory, a SQLite file of its own, or a PostgreSQL database of its
-/// own. The file is removed and the database dropped when the test ends.
-struct Backend {
-    spec: String,
-    kind: &'static str,
-    _file: Option<SqliteFile>,
-    _db: Option<TestDb>,
-}
-
 impl Backend {
-    fn memory() -> Backend {
-        Backend {
-            spec: "memory".into(),
-            kind: "memory",
-            _file: None,
-            _db: None,
-        }
-    }
-
-    fn sqlite(tag: &str) -> Backend {
-        let file = SqliteFile::new(tag);
-        Backend {
-            spec: format!("sqlite:{}", file.path.display()),
-            kind: "sqlite",
-            _file: Some(file),
-            _db: None,
-        }
-    }
-
-    fn postgres(tag: &str) -> Backend {
-        let db = TestDb::new(tag);
-        Backend {
-            spec: db.url.clone(),
-            kind: "postgres",
-            _file: None,
-            _db: Some(db),
-        }
-    }
-
     /// A server on this store that acks after the commit, changed further by `tweak`.
     fn start(&self, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let spec = self.spec.clone();
@@ -75,68 +36,6 @@ impl Backend {
             tweak(c);
         })
     }
-}
-
-/// A SQLite path of its own; the database and its WAL, shared-memory and journal files are
-/// removed at the end.
-struct SqliteFile {
-    path: PathBuf,
-}
-
-impl SqliteFile {
-    fn new(tag: &str) -> SqliteFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("chatflow-api-{}-{n}-{tag}.db", std::process::id()));
-        let file = SqliteFile { path };
-        file.remove();
-        file
-    }
-
-    fn remove(&self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = self.path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-impl Drop for SqliteFile {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// One `#[test]` per store for each scenario.
-macro_rules! on_every_store {
-    ($($scenario:ident),+ $(,)?) => {
-        mod memory {
-            $(
-                #[test]
-                fn $scenario() {
-                    super::$scenario(&super::Backend::memory());
-                }
-            )+
-        }
-        mod sqlite {
-            $(
-                #[test]
-                fn $scenario() {
-                    super::$scenario(&super::Backend::sqlite(stringify!($scenario)));
-                }
-            )+
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $scenario() {
-                    super::$scenario(&super::Backend::postgres(stringify!($scenario)));
-                }
-            )+
-        }
-    };
 }
 
 on_every_store!(

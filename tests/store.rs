@@ -9,7 +9,6 @@
 mod util;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -20,51 +19,13 @@ use chatflow::store::{
 };
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime, UtcOffset};
-use util::pg::TestDb;
+use util::stores::{Backend, on_every_store};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
 // Backends
 
-/// One backend for one test: opens stores on its own SQLite file or PostgreSQL database,
-/// removed or dropped when the test ends.
-struct Backend {
-    spec: String,
-    kind: &'static str,
-    _file: Option<SqliteFile>,
-    _db: Option<TestDb>,
-}
-
 impl Backend {
-    fn memory() -> Backend {
-        Backend {
-            spec: "memory".into(),
-            kind: "memory",
-            _file: None,
-            _db: None,
-        }
-    }
-
-    fn sqlite(tag: &str) -> Backend {
-        let file = SqliteFile::new(tag);
-        Backend {
-            spec: format!("sqlite:{}", file.path.display()),
-            kind: "sqlite",
-            _file: Some(file),
-            _db: None,
-        }
-    }
-
-    fn postgres(tag: &str) -> Backend {
-        let db = TestDb::new(tag);
-        Backend {
-            spec: db.url.clone(),
-            kind: "postgres",
-            _file: None,
-            _db: Some(db),
-        }
-    }
-
     /// A store on this backend, migrated (`open` migrates). Memory gives a new, empty store
     /// each time; SQLite and PostgreSQL reopen the same data.
     fn open(&self) -> Arc<dyn Store> {
@@ -80,72 +41,7 @@ impl Backend {
     }
 }
 
-/// A SQLite database path of its own in the temp directory; the file and its WAL and shared
-/// memory files are removed at the end.
-struct SqliteFile {
-    path: PathBuf,
-}
-
-impl SqliteFile {
-    fn new(tag: &str) -> SqliteFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "chatflow-store-{}-{n}-{tag}.db",
-            std::process::id()
-        ));
-        let file = SqliteFile { path };
-        file.remove();
-        file
-    }
-
-    fn remove(&self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut p = self.path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
-impl Drop for SqliteFile {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Generates one `#[test]` per backend for each check: `memory::check`, `sqlite::check`,
-/// `postgres::check`.
-macro_rules! contract {
-    ($($check:ident),+ $(,)?) => {
-        mod memory {
-            $(
-                #[test]
-                fn $check() {
-                    super::$check(&super::Backend::memory());
-                }
-            )+
-        }
-        mod sqlite {
-            $(
-                #[test]
-                fn $check() {
-                    super::$check(&super::Backend::sqlite(stringify!($check)));
-                }
-            )+
-        }
-        mod postgres {
-            $(
-                #[test]
-                fn $check() {
-                    super::$check(&super::Backend::postgres(stringify!($check)));
-                }
-            )+
-        }
-    };
-}
-
-contract!(
+on_every_store!(
     empty_store_answers_empty,
     room_window_edges,
     user_window_edges,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod stores;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
