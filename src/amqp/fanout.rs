@@ -1,0 +1,341 @@
+//! The fan-out consumer: brings other nodes' messages to this node's members, and keeps this
+//! node's queue bound to exactly the rooms it has members in.
+//!
+//! One thread owns the connection, its channel and the consumer (a consumer borrows its
+//! channel). It waits for deliveries and for nudges from [`super::AmqpBus::room_active`];
+//! bindings change between batches of deliveries, on the same channel.
+//!
+//! A delivery is acknowledged only after its messages are in every reactor's inbox. When an
+//! inbox is full the thread waits and retries: it never drops what it took, the broker keeps
+//! the rest (at most `prefetch` deliveries are unacknowledged), and past the queue's length
+//! limit the broker drops the oldest.
+//!
+//! A member who joins a room this node did not serve yet hears other nodes' messages from the
+//! moment the binding is made (a millisecond or so after the upgrade), not from the upgrade
+//! itself: the reactor does not wait for the broker.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use amiquip::{
+    Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery, FieldTable, QueueDeleteOptions,
+};
+use crossbeam_channel::{Receiver, Select, TryRecvError};
+
+use super::envelope::{self, EnvelopeError};
+use super::link::{self, Backoff};
+use super::{Role, Shared, Topology};
+use crate::bus::{Batch, Fanout, Inbox};
+use crate::reactor::shared_text_frame;
+
+/// Most chat messages handed to the reactors in one batch.
+const MAX_BATCH_MESSAGES: usize = 1024;
+/// Longest wait in one turn, so shutdown is noticed.
+const TICK: Duration = Duration::from_millis(100);
+
+pub(super) struct FanoutThread {
+    shared: Arc<Shared>,
+    inboxes: Arc<[Inbox]>,
+    nudged: Receiver<()>,
+    /// Rooms the node queue may be bound to: added after a successful bind, removed after a
+    /// successful unbind. Kept across reconnects (the queue outlives a connection), so a
+    /// reconnect unbinds what was left while the connection was down.
+    bound: HashSet<Arc<str>>,
+    backoff: Backoff,
+    connected_once: bool,
+}
+
+/// How a session ended.
+enum End {
+    /// Shutdown: the consumer was cancelled.
+    Stopped,
+    /// The connection or channel failed (why).
+    Lost(String),
+}
+
+impl FanoutThread {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        inboxes: Arc<[Inbox]>,
+        nudged: Receiver<()>,
+    ) -> FanoutThread {
+        FanoutThread {
+            shared,
+            inboxes,
+            nudged,
+            bound: HashSet::new(),
+            backoff: Backoff::new(),
+            connected_once: false,
+        }
+    }
+
+    fn describe(&self, e: &amiquip::Error) -> String {
+        link::scrub(&e.to_string(), &self.shared.settings.url)
+    }
+
+    pub(super) fn run(mut self) {
+        let shared = self.shared.clone();
+        while !shared.control.stopping() {
+            let opened = shared.open(Role::Fanout).and_then(|mut conn| {
+                let channel = conn.open_channel(None).map_err(|e| self.describe(&e))?;
+                Ok((conn, channel))
+            });
+            let (conn, channel) = match opened {
+                Ok(c) => c,
+                Err(why) => {
+                    log::debug!("amqp fan-out: connect failed: {why}");
+                    shared.set_health(Role::Fanout, Some(why));
+                    self.backoff.wait(&shared.control, |c| c.stopping());
+                    continue;
+                }
+            };
+            match self.session(&channel) {
+                End::Stopped => {
+                    self.close(conn, channel);
+                    break;
+                }
+                End::Lost(why) => {
+                    log::warn!("amqp fan-out: connection lost ({why}); reconnecting");
+                    shared.set_health(Role::Fanout, Some(why));
+                    drop(channel);
+                    drop(conn);
+                    // Also after a session that failed at once (e.g. a refused declare), so
+                    // a broker that keeps refusing is not hammered.
+                    self.backoff.wait(&shared.control, |c| c.stopping());
+                }
+            }
+        }
+        log::debug!("amqp fan-out consumer stopped");
+    }
+
+    /// At shutdown: the node queue is deleted now rather than after `node_queue_ttl`, so the
+    /// broker stops routing copies to a node that is gone. A restart declares it again.
+    fn close(&self, conn: Connection, channel: Channel) {
+        let t = &self.shared.topology;
+        let deleted = channel.queue_delete(
+            t.node_queue.as_str(),
+            QueueDeleteOptions {
+                if_unused: true,
+                if_empty: false,
+            },
+        );
+        if let Err(e) = deleted {
+            log::debug!("amqp fan-out: could not delete {}: {e}", t.node_queue);
+        }
+        drop(channel);
+        if let Err(e) = conn.close() {
+            log::debug!("amqp fan-out: close: {e}");
+        }
+    }
+
+    fn session(&mut self, channel: &Channel) -> End {
+        let shared = self.shared.clone();
+        let s = &shared.settings;
+        let t = &shared.topology;
+        let lost = |e: amiquip::Error| End::Lost(self.describe(&e));
+        if let Err(e) = link::declare_node_queue(channel, t, s) {
+            return lost(e);
+        }
+        if let Err(e) = channel.qos(0, s.prefetch, false) {
+            return lost(e);
+        }
+        if let Err(e) = self.reconcile(channel, true) {
+            return End::Lost(self.describe(&e));
+        }
+        let consumer =
+            match channel.basic_consume(t.node_queue.as_str(), ConsumerOptions::default()) {
+                Ok(c) => c,
+                Err(e) => return End::Lost(self.describe(&e)),
+            };
+        shared.set_health(Role::Fanout, None);
+        self.backoff.reset();
+        if self.connected_once {
+            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            log::warn!("amqp fan-out: reconnected");
+        }
+        self.connected_once = true;
+
+        loop {
+            if shared.control.stopping() {
+                // Unacknowledged deliveries go back to the queue when the channel closes.
+                link::cancel(&consumer);
+                return End::Stopped;
+            }
+            {
+                let mut select = Select::new();
+                select.recv(consumer.receiver());
+                select.recv(&self.nudged);
+                let _ = select.ready_timeout(TICK);
+            }
+            if self.nudged.try_recv().is_ok()
+                && let Err(e) = self.reconcile(channel, false)
+            {
+                return End::Lost(self.describe(&e));
+            }
+            if let Err(end) = self.take_deliveries(consumer.receiver(), |d, ack| {
+                if ack {
+                    consumer.ack_multiple(d)
+                } else {
+                    consumer.nack(d, false)
+                }
+            }) {
+                return end;
+            }
+        }
+    }
+
+    /// Binds the rooms that gained members and unbinds those that lost them (`full`: every
+    /// room, after a (re)connect).
+    fn reconcile(&mut self, channel: &Channel, full: bool) -> amiquip::Result<()> {
+        let changes: Vec<(Arc<str>, bool)> = {
+            let mut rooms = self.shared.rooms.lock();
+            if full {
+                rooms.dirty.clear();
+                let mut all: Vec<(Arc<str>, bool)> =
+                    rooms.counts.keys().map(|r| (r.clone(), true)).collect();
+                all.extend(
+                    self.bound
+                        .iter()
+                        .filter(|r| !rooms.counts.contains_key(*r))
+                        .map(|r| (r.clone(), false)),
+                );
+                all
+            } else {
+                let dirty = std::mem::take(&mut rooms.dirty);
+                dirty
+                    .into_iter()
+                    .map(|r| {
+                        let want = rooms.counts.contains_key(&r);
+                        (r, want)
+                    })
+                    .collect()
+            }
+        };
+        let t = &self.shared.topology;
+        let result = (|| {
+            for (room, want) in changes {
+                let key = Topology::routing_key(&room);
+                if want && (full || !self.bound.contains(&room)) {
+                    channel.queue_bind(
+                        t.node_queue.as_str(),
+                        t.exchange.as_str(),
+                        key,
+                        FieldTable::new(),
+                    )?;
+                    self.bound.insert(room);
+                } else if !want && self.bound.contains(&room) {
+                    channel.queue_unbind(
+                        t.node_queue.as_str(),
+                        t.exchange.as_str(),
+                        key,
+                        FieldTable::new(),
+                    )?;
+                    self.bound.remove(&room);
+                }
+            }
+            Ok(())
+        })();
+        self.shared
+            .stats
+            .bound_rooms
+            .store(self.bound.len(), Ordering::Relaxed);
+        result
+    }
+
+    /// Takes the deliveries that have arrived, hands their messages to the reactors, and
+    /// acknowledges them. `settle(delivery, true)` acks it and every earlier one,
+    /// `settle(delivery, false)` rejects it.
+    fn take_deliveries(
+        &mut self,
+        receiver: &Receiver<ConsumerMessage>,
+        settle: impl Fn(Delivery, bool) -> amiquip::Result<()>,
+    ) -> Result<(), End> {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        let mut batch: Batch = Vec::new();
+        let mut last: Option<Delivery> = None;
+        let mut taken = 0;
+        while batch.len() < MAX_BATCH_MESSAGES && taken < usize::from(shared.settings.prefetch) {
+            let mut d = match receiver.try_recv() {
+                Ok(ConsumerMessage::Delivery(d)) => d,
+                Ok(other) => return Err(End::Lost(format!("the consumer ended: {other:?}"))),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    return Err(End::Lost("the connection closed".into()));
+                }
+            };
+            taken += 1;
+            if d.redelivered {
+                stats.redeliveries.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.frames(&d.body, &mut batch) {
+                Ok(()) => {
+                    d.body = Vec::new();
+                    last = Some(d);
+                }
+                Err(e) => {
+                    stats.fanout_rejected.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "amqp fan-out: dropped a delivery from {} (routing key {}): {e}",
+                        shared.topology.node_queue,
+                        d.routing_key
+                    );
+                    settle(d, false).map_err(|e| End::Lost(self.describe(&e)))?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            if !self.hand_over(batch) {
+                // Shutting down: not acknowledged, so the broker keeps them.
+                return Ok(());
+            }
+            stats.delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(d) = last {
+            settle(d, true).map_err(|e| End::Lost(self.describe(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Appends the framed messages of an envelope from another node to `batch`; nothing for
+    /// this node's own envelopes.
+    fn frames(&self, body: &[u8], batch: &mut Batch) -> Result<(), EnvelopeError> {
+        let env = envelope::decode(body)?;
+        if env.node == self.shared.settings.node_id {
+            return Ok(());
+        }
+        let room: Arc<str> = Arc::from(env.room.as_ref());
+        batch.extend(env.messages.iter().map(|m| Fanout {
+            room: room.clone(),
+            frame: shared_text_frame(m.get().as_bytes()),
+        }));
+        Ok(())
+    }
+
+    /// Gives `batch` to every reactor (each delivers to its own members), waiting while an
+    /// inbox is full; false when shutdown interrupted it.
+    fn hand_over(&self, mut batch: Batch) -> bool {
+        let n = self.inboxes.len();
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            let mut pause = Duration::from_micros(200);
+            while !inbox.reserve() {
+                if self.shared.control.stopping() {
+                    return false;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            let b = if i + 1 == n {
+                std::mem::take(&mut batch)
+            } else {
+                batch.clone()
+            };
+            // Err: that reactor has stopped (shutdown); its members are gone.
+            let _ = inbox.send_reserved(b);
+        }
+        true
+    }
+}
