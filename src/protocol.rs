@@ -165,6 +165,8 @@ pub struct ChatMessage<'a> {
     pub message: Cow<'a, str>,
     /// The client's RFC 3339 timestamp, echoed exactly as sent.
     pub timestamp: Cow<'a, str>,
+    /// The same instant, parsed once by validation (for the store), in UTC.
+    pub client_time: OffsetDateTime,
     /// TEXT, JOIN or LEAVE.
     pub message_type: MessageType,
     /// The idempotency key, if the client gave one.
@@ -314,10 +316,10 @@ fn message_rule(raw: Option<&RawValue>) -> Result<Cow<'_, str>, String> {
     Ok(s)
 }
 
-fn timestamp_rule(raw: Option<&RawValue>) -> Result<Cow<'_, str>, String> {
+fn timestamp_rule(raw: Option<&RawValue>) -> Result<(Cow<'_, str>, OffsetDateTime), String> {
     let s = required_string(raw)?;
     match OffsetDateTime::parse(&s, &Rfc3339) {
-        Ok(_) => Ok(s),
+        Ok(t) => Ok((s, utc_clamped(t))),
         Err(_) => {
             Err("must be an RFC 3339 date-time with a zone, e.g. 2026-11-21T22:41:01.123Z".into())
         }
@@ -409,18 +411,22 @@ pub fn parse_message<'a>(text: &'a str, path_room: &str) -> Result<ChatMessage<'
         message_type,
         client_message_id,
     ) {
-        (Ok(user_id), Ok(username), Ok(message), Ok(timestamp), Ok(message_type), Ok(cmid))
-            if errors.is_empty() =>
-        {
-            Ok(ChatMessage {
-                user_id,
-                username,
-                message,
-                timestamp,
-                message_type,
-                client_message_id: cmid,
-            })
-        }
+        (
+            Ok(user_id),
+            Ok(username),
+            Ok(message),
+            Ok((timestamp, client_time)),
+            Ok(message_type),
+            Ok(cmid),
+        ) if errors.is_empty() => Ok(ChatMessage {
+            user_id,
+            username,
+            message,
+            timestamp,
+            client_time,
+            message_type,
+            client_message_id: cmid,
+        }),
         (_, _, _, _, _, cmid) => {
             let code = if room_mismatch_only {
                 ErrorCode::RoomMismatch

@@ -19,7 +19,6 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
@@ -1206,8 +1205,7 @@ impl Reactor {
                 username: msg.username.to_string(),
                 message: msg.message.to_string(),
                 message_type: msg.message_type,
-                client_ts: OffsetDateTime::parse(&msg.timestamp, &Rfc3339)
-                    .map_or(server_ts, protocol::utc_clamped),
+                client_ts: msg.client_time,
                 server_ts,
                 node_id: self.node_id.clone(),
             };
