@@ -71,17 +71,10 @@ impl FanoutThread {
         }
     }
 
-    fn describe(&self, e: &amiquip::Error) -> String {
-        link::scrub(&e.to_string(), &self.shared.settings.url)
-    }
-
     pub(super) fn run(mut self) {
         let shared = self.shared.clone();
         while !shared.control.stopping() {
-            let opened = shared.open(Role::Fanout).and_then(|mut conn| {
-                let channel = conn.open_channel(None).map_err(|e| self.describe(&e))?;
-                Ok((conn, channel))
-            });
+            let opened = shared.open_channel(Role::Fanout);
             let (conn, channel) = match opened {
                 Ok(c) => c,
                 Err(why) => {
@@ -134,7 +127,7 @@ impl FanoutThread {
         let shared = self.shared.clone();
         let s = &shared.settings;
         let t = &shared.topology;
-        let lost = |e: amiquip::Error| End::Lost(self.describe(&e));
+        let lost = |e: amiquip::Error| End::Lost(self.shared.describe(&e));
         if let Err(e) = link::declare_node_queue(channel, t, s) {
             return lost(e);
         }
@@ -142,12 +135,12 @@ impl FanoutThread {
             return lost(e);
         }
         if let Err(e) = self.reconcile(channel, true) {
-            return End::Lost(self.describe(&e));
+            return End::Lost(self.shared.describe(&e));
         }
         let consumer =
             match channel.basic_consume(t.node_queue.as_str(), ConsumerOptions::default()) {
                 Ok(c) => c,
-                Err(e) => return End::Lost(self.describe(&e)),
+                Err(e) => return End::Lost(self.shared.describe(&e)),
             };
         shared.set_health(Role::Fanout, None);
         self.backoff.reset();
@@ -172,7 +165,7 @@ impl FanoutThread {
             if self.nudged.try_recv().is_ok()
                 && let Err(e) = self.reconcile(channel, false)
             {
-                return End::Lost(self.describe(&e));
+                return End::Lost(self.shared.describe(&e));
             }
             if let Err(end) = self.take_deliveries(consumer.receiver(), |d, ack| {
                 if ack {
@@ -282,7 +275,7 @@ impl FanoutThread {
                         shared.topology.node_queue,
                         d.routing_key
                     );
-                    settle(d, false).map_err(|e| End::Lost(self.describe(&e)))?;
+                    settle(d, false).map_err(|e| End::Lost(self.shared.describe(&e)))?;
                 }
             }
         }
@@ -295,7 +288,7 @@ impl FanoutThread {
             stats.delivered.fetch_add(n, Ordering::Relaxed);
         }
         if let Some(d) = last {
-            settle(d, true).map_err(|e| End::Lost(self.describe(&e)))?;
+            settle(d, true).map_err(|e| End::Lost(self.shared.describe(&e)))?;
         }
         Ok(())
     }

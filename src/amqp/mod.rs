@@ -427,6 +427,21 @@ impl Shared {
             .map_err(|e| link::scrub(&e, &self.settings.url))
     }
 
+    /// A connection for `role` with one channel on it (what each consumer thread holds).
+    pub(super) fn open_channel(
+        &self,
+        role: Role,
+    ) -> Result<(amiquip::Connection, amiquip::Channel), String> {
+        let mut conn = self.open(role)?;
+        let channel = conn.open_channel(None).map_err(|e| self.describe(&e))?;
+        Ok((conn, channel))
+    }
+
+    /// An amiquip error as text, with the URL's password scrubbed.
+    pub(super) fn describe(&self, e: &amiquip::Error) -> String {
+        link::scrub(&e.to_string(), &self.settings.url)
+    }
+
     /// The publisher thread that carries `room`: always the same one, so a sender's messages
     /// stay in order.
     fn publisher_for(&self, room: &str) -> usize {

@@ -83,20 +83,13 @@ impl PersistThread {
         }
     }
 
-    fn describe(&self, e: &amiquip::Error) -> String {
-        link::scrub(&e.to_string(), &self.shared.settings.url)
-    }
-
     pub(super) fn run(mut self) {
         let shared = self.shared.clone();
         while !shared.control.stopping() {
             // Outcomes of a lost channel's deliveries: the broker redelivers those, and the
             // writers must not wait on a full channel meanwhile.
             while self.outcomes.try_recv().is_ok() {}
-            let opened = shared.open(Role::Persist).and_then(|mut conn| {
-                let channel = conn.open_channel(None).map_err(|e| self.describe(&e))?;
-                Ok((conn, channel))
-            });
+            let opened = shared.open_channel(Role::Persist);
             let (conn, channel) = match opened {
                 Ok(c) => c,
                 Err(why) => {
@@ -142,7 +135,7 @@ impl PersistThread {
             .and_then(|()| channel.basic_consume(t.persist.as_str(), ConsumerOptions::default()));
         let consumer = match setup {
             Ok(c) => c,
-            Err(e) => return End::Lost(self.describe(&e)),
+            Err(e) => return End::Lost(self.shared.describe(&e)),
         };
         self.generation += 1;
         shared.set_health(Role::Persist, None);
@@ -230,7 +223,7 @@ impl PersistThread {
                 );
                 return consumer
                     .nack(d, false)
-                    .map_err(|e| End::Lost(self.describe(&e)));
+                    .map_err(|e| End::Lost(self.shared.describe(&e)));
             }
         };
         let tag = d.delivery_tag();
@@ -309,7 +302,7 @@ impl PersistThread {
             // Every delivery up to this one is done or was rejected already.
             Some(d) => consumer
                 .ack_multiple(d)
-                .map_err(|e| End::Lost(self.describe(&e))),
+                .map_err(|e| End::Lost(self.shared.describe(&e))),
             None => Ok(()),
         }
     }

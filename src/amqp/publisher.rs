@@ -76,8 +76,7 @@ impl Link {
             channel.enable_publisher_confirms()?;
             Ok((channel, confirms))
         };
-        let (channel, confirms) =
-            set_up(&mut conn).map_err(|e| link::scrub(&e.to_string(), &shared.settings.url))?;
+        let (channel, confirms) = set_up(&mut conn).map_err(|e| shared.describe(&e))?;
         Ok(Link {
             channel,
             confirms,
@@ -368,7 +367,7 @@ impl PublisherThread {
                 true
             }
             Err(e) => {
-                let why = link::scrub(&e.to_string(), &self.shared.settings.url);
+                let why = self.shared.describe(&e);
                 self.lose_link(why);
                 false
             }
