@@ -21,13 +21,13 @@
 mod util;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,6 @@ use tungstenite::{Message, WebSocket};
 use util::msg;
 use util::pg::TestDb;
 use uuid::Uuid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_chatflow");
 
 /// A generous bound for anything that should happen "soon" on a loaded two-core machine.
 const SOON: Duration = Duration::from_secs(60);
@@ -83,11 +81,6 @@ fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -
         }
         std::thread::sleep(every);
     }
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn show(out: &Output) -> String {
@@ -432,58 +425,30 @@ impl Node {
     /// for its `listening on ADDR` line.
     fn spawn(name: &str, ns: &Namespace, store: &str, envs: &[(&str, &str)]) -> Node {
         let log = std::env::temp_dir().join(format!("chatflow-cluster-{}.log", unique(name)));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--reactors",
-            "1",
-            "--node-id",
-            name,
-            "--store",
-            store,
-            "--bus",
-            &amqp_url(),
-            "--ack-after",
-            "published",
-        ])
-        .env("CHATFLOW_AMQP_NAMESPACE", &ns.prefix)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn chatflow");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(SOON);
-        let addr = match &first {
-            Ok(Some(Ok(line))) => line
-                .trim()
-                .strip_prefix("listening on ")
-                .and_then(|a| a.parse().ok()),
-            _ => None,
-        };
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            let status = child.wait();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let _ = std::fs::remove_file(&log);
-            panic!(
-                "node {name} did not start: first stdout line {first:?}, exit {status:?}; log:\n{}",
-                last_lines(&text, 60)
-            );
-        };
+        let ns_env = ns.prefix.clone();
+        let mut all_envs = vec![("CHATFLOW_AMQP_NAMESPACE", ns_env.as_str())];
+        all_envs.extend_from_slice(envs);
+        let url = amqp_url();
+        let (child, addr) = util::serve::spawn(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--reactors",
+                "1",
+                "--node-id",
+                name,
+                "--store",
+                store,
+                "--bus",
+                &url,
+                "--ack-after",
+                "published",
+            ],
+            &all_envs,
+            &log,
+            SOON,
+            &format!("node {name}"),
+        );
         Node {
             name: name.to_string(),
             child,
@@ -493,7 +458,7 @@ impl Node {
     }
 
     fn log_tail(&self, n: usize) -> String {
-        last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
+        util::serve::last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
     }
 
     fn running(&mut self) -> bool {
@@ -804,7 +769,7 @@ impl Balancer {
     }
 
     fn log_tail(&self, n: usize) -> String {
-        last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
+        util::serve::last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
     }
 }
 

@@ -10,12 +10,12 @@
 mod util;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,6 @@ use tungstenite::{Message, WebSocket};
 use util::msg;
 use util::pg::TestDb;
 use uuid::Uuid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_chatflow");
 
 /// A generous bound for anything that should happen "soon" on a loaded two-core machine.
 const SOON: Duration = Duration::from_secs(60);
@@ -52,11 +50,6 @@ fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -
         }
         std::thread::sleep(every);
     }
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ----- a temp dir -----
@@ -97,63 +90,30 @@ impl Chatflow {
     /// and waits for its `listening on ADDR` line.
     fn spawn(name: &str, store: &str, ack_after: &str, envs: &[(&str, &str)]) -> Chatflow {
         let log = std::env::temp_dir().join(format!("chatflow-persist-{}.log", unique(name)));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--reactors",
-            "2",
-            "--node-id",
-            name,
-            "--store",
-            store,
-            "--ack-after",
-            ack_after,
-        ])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn chatflow");
-        let stdout = child.stdout.take().expect("stdout");
-        // The first line comes through a channel so the wait is bounded; the rest of stdout
-        // is drained so the server never writes into a closed pipe.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            for _ in lines {}
-        });
-        let first = rx.recv_timeout(SOON);
-        let addr = match &first {
-            Ok(Some(Ok(line))) => line
-                .trim()
-                .strip_prefix("listening on ")
-                .and_then(|a| a.parse().ok()),
-            _ => None,
-        };
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            let status = child.wait();
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let _ = std::fs::remove_file(&log);
-            panic!(
-                "chatflow ({store}) did not start: first stdout line {first:?}, exit {status:?}; log:\n{}",
-                last_lines(&text, 60)
-            );
-        };
+        let (child, addr) = util::serve::spawn(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--reactors",
+                "2",
+                "--node-id",
+                name,
+                "--store",
+                store,
+                "--ack-after",
+                ack_after,
+            ],
+            envs,
+            &log,
+            SOON,
+            &format!("chatflow ({store})"),
+        );
         Chatflow { child, addr, log }
     }
 
     /// The last lines of the server's log, for failure messages.
     fn log_tail(&self, n: usize) -> String {
-        last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
+        util::serve::last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
     }
 
     fn running(&mut self) -> bool {
@@ -798,7 +758,11 @@ impl PgCluster {
             Ok(())
         } else {
             let text = std::fs::read_to_string(self.log()).unwrap_or_default();
-            Err(format!("{}; log:\n{}", show(&out), last_lines(&text, 20)))
+            Err(format!(
+                "{}; log:\n{}",
+                show(&out),
+                util::serve::last_lines(&text, 20)
+            ))
         }
     }
 
@@ -849,7 +813,7 @@ impl Drop for PgCluster {
             eprintln!(
                 "---- private PostgreSQL log (port {}) ----\n{}\n---- end ----",
                 self.port,
-                last_lines(&text, 30)
+                util::serve::last_lines(&text, 30)
             );
         }
         let _ = self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "30"]);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod serve;
 pub mod stores;
 
 use std::io::{Read, Write};
