@@ -8,7 +8,8 @@
 //! Each batch is one transaction. The usual batch is all new messages: it is COPied straight
 //! into `messages` and the writer adds its counts, summed in Rust, to the four rollups. COPY
 //! inserts rows in multi-row chunks where `INSERT ... ON CONFLICT` goes row by row, so this
-//! is the faster path (roughly a third more rows per second with 10k-row batches). A batch
+//! is the faster path (staging runs at 0.79x its rows/s: `bench/store-bench`, see
+//! `docs/storage.md`). A batch
 //! that repeats an id, or hits one already stored (a redelivery: COPY fails with 23505), goes
 //! through the temporary `staging` table instead: COPY into it, then one statement moves the
 //! rows into `messages` with `ON CONFLICT (message_id) DO NOTHING` and counts only the rows
