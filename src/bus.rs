@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-pub use crate::mailbox::Origin;
+pub use crate::mailbox::{Origin, ReplyTo};
 use mio::Waker;
 
 /// A broadcast frame for one room, serialized and framed once. Every recipient on every reactor
@@ -58,6 +58,15 @@ pub enum Accepted {
     Later,
 }
 
+/// Whether a joining connection's upgrade can be answered now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Now: the room's messages already reach this node.
+    Now,
+    /// When the reactor gets a [`Reply::Joined`](crate::mailbox::Reply::Joined) for it.
+    Later,
+}
+
 /// A reactor's handle for publishing; owned by that reactor thread.
 pub trait Publisher: Send {
     /// Accepts the message for every member outside the calling reactor, or refuses it whole.
@@ -85,9 +94,19 @@ pub trait Bus: Send + Sync {
         false
     }
 
-    /// Called by a reactor when its first member of `room` joins (`true`) or its last one
-    /// leaves (`false`), so a broker-backed bus subscribes the node to the rooms it serves.
-    fn room_active(&self, _room: &Arc<str>, _active: bool) {}
+    /// Called by a reactor for every connection that asks to join `room`, before its upgrade
+    /// is answered. [`Joined::Now`] when the bus already carries the room's messages to this
+    /// node; [`Joined::Later`] when it must subscribe first, and then tells the connection's
+    /// reactor with a [`Reply::Joined`](crate::mailbox::Reply::Joined) (or never, if it cannot:
+    /// the reactor gives up after the handshake timeout). Either way the connection counts as
+    /// a member for the bus until [`Bus::leave`].
+    fn join(&self, _room: &Arc<str>, _joiner: ReplyTo) -> Joined {
+        Joined::Now
+    }
+
+    /// Called once for every [`Bus::join`] when that connection leaves the room (or gives up
+    /// joining), so a broker-backed bus unsubscribes the node from rooms it no longer serves.
+    fn leave(&self, _room: &Arc<str>) {}
 
     /// Appends the bus's own metrics to a `/metrics` text.
     fn render_metrics(&self, _out: &mut String) {}

@@ -1,9 +1,10 @@
-//! Replies from blocking threads (store writers, the query pool) back to a reactor: a bounded
+//! Replies from blocking threads (store writers, the query pool, the bus) back to a reactor: a bounded
 //! channel and the reactor's waker, as for broadcasts.
 //!
-//! Policy when full: the sending thread waits. Writers and query threads are the only
-//! senders, and what they can have outstanding is bounded by their own queues, so the wait is
-//! short and memory stays bounded; a reactor never waits on them.
+//! Policy when full: the sending thread waits. Writers, query threads and the bus's threads
+//! are the only senders, and what each can have outstanding is bounded (by its own queue, the
+//! confirm window, or the connections waiting to join), so the wait is short and memory stays
+//! bounded; a reactor never waits on them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,18 @@ pub struct Origin {
     pub conn: u64,
     /// The message's sequence number on that connection.
     pub seq: u64,
+}
+
+/// A connection waiting for an answer: a query's response, or the bus's word that the
+/// connection's room is subscribed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The reactor.
+    pub reactor: usize,
+    /// The connection's slab key.
+    pub token: usize,
+    /// The connection's unique id, so a reused slab key is not mistaken for it.
+    pub conn: u64,
 }
 
 /// A message's commit or publisher confirm (or failure) reported to its sender's reactor.
@@ -54,6 +67,14 @@ pub enum Reply {
         bytes: Vec<u8>,
         /// Its status code, for the metrics.
         status: u16,
+    },
+    /// The bus now carries other nodes' messages for the room this connection asked to join:
+    /// its upgrade can be answered.
+    Joined {
+        /// The connection's slab key.
+        token: usize,
+        /// The connection's unique id.
+        conn: u64,
     },
 }
 

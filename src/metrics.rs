@@ -115,6 +115,8 @@ pub struct ReactorStats {
     pub accept_paused: Counter,
     /// Completed WebSocket upgrades.
     pub upgrades: Counter,
+    /// Upgrades that waited for the bus to subscribe the node to their room.
+    pub joins_waited: Counter,
     /// HTTP requests answered (not upgrades), by status class index 2..=5.
     pub http_responses: [Counter; 4],
     /// WebSocket frames received (data and control).
@@ -206,7 +208,7 @@ fn sum(stats: &[&ReactorStats], f: impl Fn(&ReactorStats) -> &Counter) -> u64 {
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
 pub fn render(stats: &[&ReactorStats], node: &NodeGauges<'_>) -> String {
     let mut out = String::with_capacity(8192);
-    let simple: [Family; 14] = [
+    let simple: [Family; 15] = [
         (
             "chatflow_connections",
             "gauge",
@@ -242,6 +244,12 @@ pub fn render(stats: &[&ReactorStats], node: &NodeGauges<'_>) -> String {
             "counter",
             "Completed WebSocket upgrades.",
             |s| &s.upgrades,
+        ),
+        (
+            "chatflow_upgrades_waited_total",
+            "counter",
+            "Upgrades held until the bus subscribed this node to the room (a broker round trip).",
+            |s| &s.joins_waited,
         ),
         (
             "chatflow_frames_in_total",

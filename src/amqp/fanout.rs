@@ -2,17 +2,21 @@
 //! node's queue bound to exactly the rooms it has members in.
 //!
 //! One thread owns the connection, its channel and the consumer (a consumer borrows its
-//! channel). It waits for deliveries and for nudges from [`super::AmqpBus::room_active`];
-//! bindings change between batches of deliveries, on the same channel.
+//! channel). It waits for deliveries and for nudges from [`Bus::join`](crate::bus::Bus::join)
+//! and [`Bus::leave`](crate::bus::Bus::leave); bindings change between batches of deliveries,
+//! on the same channel.
 //!
 //! A delivery is acknowledged only after its messages are in every reactor's inbox. When an
 //! inbox is full the thread waits and retries: it never drops what it took, the broker keeps
 //! the rest (at most `prefetch` deliveries are unacknowledged), and past the queue's length
 //! limit the broker drops the oldest.
 //!
-//! A member who joins a room this node did not serve yet hears other nodes' messages from the
-//! moment the binding is made (a millisecond or so after the upgrade), not from the upgrade
-//! itself: the reactor does not wait for the broker.
+//! A connection that joins a room this node does not serve yet waits for its `101` until the
+//! binding is made (a broker round trip, about a millisecond here): the consumer tells its
+//! reactor (`Reply::Joined`) right after `queue.bind` returns. From then on every message
+//! published to the room reaches this node's queue, so the member hears everything sent after
+//! its upgrade. A room is taken out of `subscribed` *before* it is unbound, so a joiner that
+//! arrives during an unbind waits for the rebind instead of trusting a binding on its way out.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,6 +32,7 @@ use super::envelope::{self, EnvelopeError};
 use super::link::{self, Backoff};
 use super::{Role, Shared, Topology};
 use crate::bus::{Batch, Fanout, Inbox};
+use crate::mailbox::{Reply, ReplyTo};
 use crate::reactor::shared_text_frame;
 
 /// Most chat messages handed to the reactors in one batch.
@@ -184,7 +189,7 @@ impl FanoutThread {
     fn reconcile(&mut self, channel: &Channel, full: bool) -> amiquip::Result<()> {
         let changes: Vec<(Arc<str>, bool)> = {
             let mut rooms = self.shared.rooms.lock();
-            if full {
+            let changes: Vec<(Arc<str>, bool)> = if full {
                 rooms.dirty.clear();
                 let mut all: Vec<(Arc<str>, bool)> =
                     rooms.counts.keys().map(|r| (r.clone(), true)).collect();
@@ -204,7 +209,14 @@ impl FanoutThread {
                         (r, want)
                     })
                     .collect()
+            };
+            // Before the unbind, not after: a joiner from now on waits for the rebind.
+            for (room, want) in &changes {
+                if !want {
+                    rooms.subscribed.remove(room);
+                }
             }
+            changes
         };
         let t = &self.shared.topology;
         let result = (|| {
@@ -217,8 +229,14 @@ impl FanoutThread {
                         key,
                         FieldTable::new(),
                     )?;
-                    self.bound.insert(room);
-                } else if !want && self.bound.contains(&room) {
+                    self.bound.insert(room.clone());
+                    let joiners = self.shared.rooms.lock().bound(&room);
+                    tell_joined(&self.shared, joiners);
+                } else if want {
+                    // Bound already (a join and a leave in between): answer anyone waiting.
+                    let joiners = self.shared.rooms.lock().bound(&room);
+                    tell_joined(&self.shared, joiners);
+                } else if self.bound.contains(&room) {
                     channel.queue_unbind(
                         t.node_queue.as_str(),
                         t.exchange.as_str(),
@@ -330,5 +348,18 @@ impl FanoutThread {
             let _ = inbox.send_reserved(b);
         }
         true
+    }
+}
+
+/// Lets the reactors answer the upgrades that waited for a binding.
+fn tell_joined(shared: &Shared, joiners: Vec<ReplyTo>) {
+    for j in joiners {
+        if let Some(mailbox) = shared.mailboxes.get(j.reactor) {
+            // Err: that reactor has stopped; its connections are gone.
+            let _ = mailbox.send(Reply::Joined {
+                token: j.token,
+                conn: j.conn,
+            });
+        }
     }
 }

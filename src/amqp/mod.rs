@@ -31,7 +31,9 @@
 //!   `confirm_timeout` of the message's acceptance, settles them with an error (the client gets
 //!   `UNAVAILABLE`).
 //! - **Fan-out.** Each node has its own queue, bound to `room.{id}` only while the node has
-//!   members in that room ([`Bus::room_active`]). Its consumer frames every message from
+//!   members in that room ([`Bus::join`], [`Bus::leave`]). A connection joining a room the
+//!   node does not serve yet gets its `101` only once the binding is made, so it hears every
+//!   message sent after its upgrade, whichever node took it. Its consumer frames every message from
 //!   *another* node once and hands the batch to every reactor; this node's own messages were
 //!   delivered in process already.
 //! - **Storage.** One durable queue, `chat.persist`, gets every envelope. Each node consumes it
@@ -83,9 +85,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use crate::bus::{
-    Accepted, Bus, Inbox, LocalPublisher, Outgoing, PublishError, Publisher, Reservations,
+    Accepted, Bus, Inbox, Joined, LocalPublisher, Outgoing, PublishError, Publisher, Reservations,
 };
-use crate::mailbox::{Mailbox, Origin};
+use crate::mailbox::{Mailbox, Origin, ReplyTo};
 use crate::metrics::{Histogram, single};
 use crate::store::writer::{DeliveryOutcomes, LATENCY_BUCKETS, StoreQueue};
 
@@ -358,12 +360,60 @@ impl Control {
 /// unbinds them. Both sets are bounded by the number of rooms with members (plus the rooms
 /// left since the consumer last looked), so a flapping room costs nothing extra: this is why
 /// the consumer is nudged rather than sent a command per change.
+///
+/// A connection joining a room that is not `subscribed` yet waits in `waiters` (its upgrade
+/// unanswered) until the consumer has bound the room, so a member hears every message sent
+/// after its upgrade, from every node. `waiters` holds only connections that are counted in
+/// `counts`, so it is bounded by the connections being upgraded.
 #[derive(Default)]
 struct RoomBindings {
-    /// Members per room, all reactors together; a room is present while its count is above 0.
+    /// Members (and joining connections) per room, all reactors together; a room is present
+    /// while its count is above 0.
     counts: HashMap<Arc<str>, usize>,
     /// Rooms whose presence changed since the consumer last reconciled.
     dirty: HashSet<Arc<str>>,
+    /// Rooms whose binding is in place and not being removed: a joiner of one of these is
+    /// answered at once.
+    subscribed: HashSet<Arc<str>>,
+    /// Connections waiting for their room's binding.
+    waiters: HashMap<Arc<str>, Vec<ReplyTo>>,
+}
+
+impl RoomBindings {
+    /// Counts one more member of `room`; true when the room is new to this node.
+    fn add(&mut self, room: &Arc<str>) -> bool {
+        let n = self.counts.entry(room.clone()).or_insert(0);
+        *n += 1;
+        let new = *n == 1;
+        if new {
+            self.dirty.insert(room.clone());
+        }
+        new
+    }
+
+    /// Counts one member fewer; true when the room has none left on this node.
+    fn remove(&mut self, room: &Arc<str>) -> bool {
+        match self.counts.get_mut(room) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.counts.remove(room);
+                // Whoever waited has given up (each waiter is counted).
+                self.waiters.remove(room);
+                self.dirty.insert(room.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The room is bound now: the connections waiting for it, to be told.
+    fn bound(&mut self, room: &Arc<str>) -> Vec<ReplyTo> {
+        self.subscribed.insert(room.clone());
+        self.waiters.remove(room).unwrap_or_default()
+    }
 }
 
 /// Which thread a health slot belongs to.
@@ -440,6 +490,12 @@ impl Shared {
     /// An amiquip error as text, with the URL's password scrubbed.
     pub(super) fn describe(&self, e: &amiquip::Error) -> String {
         link::scrub(&e.to_string(), &self.settings.url)
+    }
+
+    /// Wakes the fan-out consumer to reconcile the bindings. Full means a nudge is already
+    /// pending; disconnected means the consumer has stopped.
+    fn nudge_fanout(&self) {
+        let _ = self.nudge.try_send(());
     }
 
     /// The publisher thread that carries `room`: always the same one, so a sender's messages
@@ -666,34 +722,27 @@ impl Bus for AmqpBus {
         true
     }
 
-    fn room_active(&self, room: &Arc<str>, active: bool) {
-        let changed = {
+    fn join(&self, room: &Arc<str>, joiner: ReplyTo) -> Joined {
+        let (new, joined) = {
             let mut rooms = self.shared.rooms.lock();
-            let changed = if active {
-                let n = rooms.counts.entry(room.clone()).or_insert(0);
-                *n += 1;
-                *n == 1
+            let new = rooms.add(room);
+            if rooms.subscribed.contains(room) {
+                (new, Joined::Now)
             } else {
-                match rooms.counts.get_mut(room) {
-                    Some(n) if *n > 1 => {
-                        *n -= 1;
-                        false
-                    }
-                    Some(_) => {
-                        rooms.counts.remove(room);
-                        true
-                    }
-                    None => false,
-                }
-            };
-            if changed {
-                rooms.dirty.insert(room.clone());
+                rooms.waiters.entry(room.clone()).or_default().push(joiner);
+                (new, Joined::Later)
             }
-            changed
         };
-        if changed {
-            // Full means a nudge is already pending; disconnected means the consumer stopped.
-            let _ = self.shared.nudge.try_send(());
+        if new {
+            self.shared.nudge_fanout();
+        }
+        joined
+    }
+
+    fn leave(&self, room: &Arc<str>) {
+        let gone = self.shared.rooms.lock().remove(room);
+        if gone {
+            self.shared.nudge_fanout();
         }
     }
 
@@ -828,6 +877,46 @@ impl Bus for AmqpBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joiners_wait_for_the_binding_and_leavers_take_their_wait_with_them() {
+        let mut rooms = RoomBindings::default();
+        let room: Arc<str> = Arc::from("r");
+        let joiner = |token| ReplyTo {
+            reactor: 0,
+            token,
+            conn: token as u64,
+        };
+        assert!(rooms.add(&room), "new to the node");
+        rooms
+            .waiters
+            .entry(room.clone())
+            .or_default()
+            .push(joiner(1));
+        assert!(!rooms.add(&room), "a second member");
+        rooms
+            .waiters
+            .entry(room.clone())
+            .or_default()
+            .push(joiner(2));
+        assert!(rooms.dirty.contains(&room));
+        assert_eq!(rooms.bound(&room), vec![joiner(1), joiner(2)]);
+        assert!(rooms.subscribed.contains(&room));
+        assert!(rooms.bound(&room).is_empty(), "each waiter is told once");
+
+        // Everyone leaves before a binding is made: nobody is left waiting.
+        let other: Arc<str> = Arc::from("o");
+        rooms.add(&other);
+        rooms
+            .waiters
+            .entry(other.clone())
+            .or_default()
+            .push(joiner(3));
+        assert!(rooms.remove(&other));
+        assert!(!rooms.waiters.contains_key(&other));
+        assert!(!rooms.counts.contains_key(&other));
+        assert!(!rooms.remove(&other), "an unknown room is left alone");
+    }
 
     #[test]
     fn names_carry_the_namespace_and_the_node() {

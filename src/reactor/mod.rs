@@ -27,15 +27,15 @@ use tungstenite::{Error as WsError, Message};
 pub use output::{BufPool, OutQueue, WsIo, shared_text_frame, write_text_header};
 
 use crate::auth;
-use crate::bus::{Accepted, Batch, Bus, Fanout, Inbox, Outgoing, PublishError, Publisher};
+use crate::bus::{Accepted, Batch, Bus, Fanout, Inbox, Joined, Outgoing, PublishError, Publisher};
 use crate::chat::{ConnJoins, Presence, PresenceChange, RateLimiter, RoomMembers};
 use crate::config::{AckAfter, Config, normalize_origin};
 use crate::http::{self, Route, Status};
-use crate::mailbox::{Completion, Mailbox, Origin, Reply};
+use crate::mailbox::{Completion, Mailbox, Origin, Reply, ReplyTo};
 use crate::metrics::{Disconnect, NodeGauges, ReactorStats, SharedStats};
 use crate::protocol::{self, ChatMessage, ErrorCode, MessageType, Rejection};
 use crate::store::Record;
-use crate::store::query::{QueryPool, ReplyTo};
+use crate::store::query::QueryPool;
 use crate::store::writer::{Persist, StoreQueue};
 
 /// Token of the listener.
@@ -158,6 +158,9 @@ enum Phase {
         /// The bytes received so far.
         head: Vec<u8>,
     },
+    /// An upgrade that was admitted, waiting for the bus to carry the room's messages to this
+    /// node before its `101` is written; input is left unread.
+    Joining(Box<Joining>),
     /// A WebSocket session in a room.
     Open(Box<Session>),
     /// Waiting for the query pool's answer to an HTTP request; input is left unread.
@@ -167,6 +170,16 @@ enum Phase {
         /// True once our side of the TCP stream has been shut down.
         write_shut: bool,
     },
+}
+
+/// An admitted upgrade waiting for [`Reply::Joined`].
+struct Joining {
+    room: Arc<str>,
+    accept: String,
+    /// Bytes read past the request head (frames sent before the `101`).
+    leftover: Vec<u8>,
+    /// The access token's user and expiry.
+    token: Option<(u32, u64)>,
 }
 
 /// The state of an open WebSocket.
@@ -566,7 +579,7 @@ impl Reactor {
             Some(Phase::Request { .. }) => self.read_request(t),
             Some(Phase::Open(_)) => self.read_messages(t),
             Some(Phase::Closing { .. }) => self.discard_input(t),
-            Some(Phase::Waiting) | None => {}
+            Some(Phase::Waiting | Phase::Joining(_)) | None => {}
         }
     }
 
@@ -834,7 +847,42 @@ impl Reactor {
         }
     }
 
+    /// Starts the session of an admitted upgrade, or parks it until the bus has subscribed
+    /// this node to the room (see [`Bus::join`]).
     fn upgrade(
+        &mut self,
+        t: usize,
+        room: &str,
+        accept: &str,
+        leftover: Vec<u8>,
+        token: Option<(u32, u64)>,
+    ) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let room: Arc<str> = Arc::from(room);
+        let joiner = ReplyTo {
+            reactor: self.id,
+            token: t,
+            conn: conn.uid,
+        };
+        match self.shared.bus.join(&room, joiner) {
+            Joined::Now => self.open_session(t, &room, accept, leftover, token),
+            Joined::Later => {
+                conn.phase = Phase::Joining(Box::new(Joining {
+                    room,
+                    accept: accept.to_string(),
+                    leftover,
+                    token,
+                }));
+                conn.since = self.now;
+                self.stats.joins_waited.inc();
+            }
+        }
+    }
+
+    /// Answers the upgrade with `101` and opens the session.
+    fn open_session(
         &mut self,
         t: usize,
         room: &str,
@@ -857,13 +905,7 @@ impl Reactor {
                 Role::Server,
                 Some(self.ws_config),
             ),
-            room: {
-                let name = self.members.join(room, t);
-                if self.members.members(&name).len() == 1 {
-                    self.shared.bus.room_active(&name, true);
-                }
-                name
-            },
+            room: self.members.join(room, t),
             rate,
             joins: ConnJoins::default(),
             paused: false,
@@ -1275,6 +1317,7 @@ impl Reactor {
                         self.release_acks(t);
                     }
                 }
+                Reply::Joined { token, conn } => self.joined(token, conn),
                 Reply::Http {
                     token,
                     conn,
@@ -1290,6 +1333,38 @@ impl Reactor {
                     }
                 }
             }
+        }
+    }
+
+    /// The bus has subscribed this node to the room `token` waits to join: answer its upgrade.
+    fn joined(&mut self, token: usize, uid: u64) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.uid != uid || !matches!(conn.phase, Phase::Joining(_)) {
+            return;
+        }
+        if let Phase::Joining(j) = mem::replace(&mut conn.phase, Phase::Waiting) {
+            let Joining {
+                room,
+                accept,
+                leftover,
+                token: user,
+            } = *j;
+            self.open_session(token, &room, &accept, leftover, user);
+        }
+    }
+
+    /// Gives up an upgrade parked in [`Phase::Joining`]: the client gets `status` and
+    /// `message` instead of `101`, and the bus stops counting it as a member.
+    fn abandon_join(&mut self, t: usize, status: Status, message: &str) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        if let Phase::Joining(j) = mem::replace(&mut conn.phase, Phase::Waiting) {
+            self.shared.bus.leave(&j.room);
+            let bytes = http::error_response(status, message, false);
+            self.respond(t, bytes, status.code());
         }
     }
 
@@ -1558,8 +1633,10 @@ impl Reactor {
         };
         let phase = mem::replace(&mut conn.phase, Phase::Closing { write_shut: false });
         conn.since = self.now;
-        if let Phase::Open(session) = phase {
-            self.end_session(t, &session);
+        match phase {
+            Phase::Open(session) => self.end_session(t, &session),
+            Phase::Joining(j) => self.shared.bus.leave(&j.room),
+            _ => {}
         }
         self.stats.disconnect(why);
         self.mark_dirty(t);
@@ -1568,9 +1645,7 @@ impl Reactor {
 
     fn end_session(&mut self, t: usize, session: &Session) {
         self.members.leave(&session.room, t);
-        if self.members.members(&session.room).is_empty() {
-            self.shared.bus.room_active(&session.room, false);
-        }
+        self.shared.bus.leave(&session.room);
         if !session.joins.users().is_empty() {
             self.shared
                 .presence
@@ -1589,8 +1664,10 @@ impl Reactor {
         if conn.admin {
             self.admin_conns -= 1;
         }
-        if let Phase::Open(session) = &conn.phase {
-            self.end_session(t, session);
+        match &conn.phase {
+            Phase::Open(session) => self.end_session(t, session),
+            Phase::Joining(j) => self.shared.bus.leave(&j.room),
+            _ => {}
         }
         conn.out.clear(&mut self.pool);
         let _ = self.poll.registry().deregister(&mut conn.sock);
@@ -1626,6 +1703,7 @@ impl Reactor {
         let query_wait = self.shared.store.queries.timeout() + TICK;
         let persist_timeout = config.persist_timeout();
         let mut unanswered = Vec::new();
+        let mut unjoined = Vec::new();
         let mut uncommitted = Vec::new();
         for (t, conn) in &mut self.conns {
             queued += conn.out.len();
@@ -1642,6 +1720,7 @@ impl Reactor {
                     expired.push((t, Some(Disconnect::HandshakeTimeout)));
                 }
                 Phase::Waiting if now - conn.since >= query_wait => unanswered.push(t),
+                Phase::Joining(_) if now - conn.since >= handshake_timeout => unjoined.push(t),
                 Phase::Open(session) => {
                     if session.expires.is_some_and(|exp| exp <= unix_now) {
                         expired.push((t, Some(Disconnect::TokenExpired)));
@@ -1681,6 +1760,13 @@ impl Reactor {
             );
             let bytes = http::error_response(Status::Unavailable, &message, false);
             self.respond(t, bytes, Status::Unavailable.code());
+        }
+        for t in unjoined {
+            let message = format!(
+                "the message bus did not subscribe this node to the room within {} ms; retry shortly",
+                handshake_timeout.as_millis()
+            );
+            self.abandon_join(t, Status::Unavailable, &message);
         }
         for t in uncommitted {
             self.expire_pending(t, persist_timeout);
@@ -1743,6 +1829,9 @@ impl Reactor {
         for t in tokens {
             match self.conns.get(t).map(|c| &c.phase) {
                 Some(Phase::Request { .. }) => self.remove(t, None),
+                Some(Phase::Joining(_)) => {
+                    self.abandon_join(t, Status::Unavailable, "server shutting down");
+                }
                 Some(Phase::Open(_)) => {
                     // Messages already in the socket get their acks before the close frame;
                     // with `ack_after = persisted` the close waits for their commits (up to

@@ -478,16 +478,7 @@ impl TruncateTop for serde_json::Map<String, Value> {
 
 // ----- the pool -----
 
-/// Where a query's answer goes.
-#[derive(Clone, Copy, Debug)]
-pub struct ReplyTo {
-    /// The reactor.
-    pub reactor: usize,
-    /// The connection's slab key.
-    pub token: usize,
-    /// The connection's unique id.
-    pub conn: u64,
-}
+pub use crate::mailbox::ReplyTo;
 
 struct Job {
     query: ApiQuery,
