@@ -44,8 +44,13 @@ pub struct Outgoing<'a> {
     pub fanout: &'a Fanout,
     /// The broadcast's JSON (the frame's payload), for other nodes and the store.
     pub payload: &'a [u8],
-    /// Whom to tell when the bus holds the message durably (`ack_after = published`).
+    /// Whom to tell when the bus holds the message durably (`ack_after = published`), or,
+    /// with `persisted`, when it is committed to the store.
     pub origin: Option<Origin>,
+    /// True when `origin` waits for the commit (`ack_after = persisted` on a bus that stores
+    /// messages itself); the bus then reports only a failure to publish, and the store's
+    /// commit settles the rest.
+    pub persisted: bool,
 }
 
 /// When a published message is durably in the bus.
@@ -384,6 +389,7 @@ mod tests {
             fanout: f,
             payload: b"{}",
             origin: None,
+            persisted: false,
         }
     }
 

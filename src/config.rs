@@ -303,11 +303,6 @@ impl Config {
             ));
         }
         if self.bus.starts_with("amqp://") {
-            if self.ack_after == AckAfter::Persisted {
-                return fail(
-                    "ack_after = \"persisted\" is not available with the amqp bus yet; use \"published\" (the broker's confirm of a durable message)".into(),
-                );
-            }
             if self.amqp_publishers == 0
                 || self.amqp_batch_max == 0
                 || self.amqp_confirm_window == 0
@@ -748,18 +743,6 @@ mod tests {
         assert!(err.to_string().contains("max_connections"), "{err}");
         let err = Config::load(None, env(&[("CHATFLOW_BUS", "kafka://x")])).unwrap_err();
         assert!(err.to_string().contains("bus"), "{err}");
-        let err = Config::load(
-            None,
-            env(&[
-                ("CHATFLOW_BUS", "amqp://guest:secret@h:5672/%2f"),
-                ("CHATFLOW_ACK_AFTER", "persisted"),
-            ]),
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("not available with the amqp bus"),
-            "{err}"
-        );
         let err = Config::load(None, env(&[("CHATFLOW_STORE", "mysql://x")])).unwrap_err();
         assert!(err.to_string().contains("sqlite:PATH"), "{err}");
         let err = Config::load(

@@ -21,9 +21,29 @@
 //! - `messages`: each one exactly the `"type":"message"` broadcast frame members receive
 //!   (PROTOCOL.md §3), byte for byte, so the fan-out consumer frames it without re-encoding
 //!   and the persist consumer reads the stored fields from it.
+//! - `waiting` (optional, only when some sender waits for the commit, `ack_after =
+//!   persisted`): `[index, reactor, token, conn, seq]` for each such message, `index` into
+//!   `messages`, the other four opaque to everyone but the node named in `node`. A node that
+//!   does not know the field ignores it; its senders then time out (`UNAVAILABLE`) instead of
+//!   getting their acks, which is safe.
 //!
 //! Properties: `content_type` [`CONTENT_TYPE`], `delivery_mode` 2 (persistent), `type`
 //! [`ENVELOPE_TYPE`], `app_id` `chatflow`.
+//!
+//! # Commit notices, version 1
+//!
+//! When the persist consumer (on any node) has committed an envelope that lists `waiting`
+//! senders, it sends the accepting node one notice through the default exchange, routing key
+//! that node's queue name, AMQP `type` [`NOTICE_TYPE`], not persistent:
+//!
+//! ```json
+//! {"v":1,"stored":[[0,17,4242,9]],"failed":[{"at":[1,3,77,2],"why":"the store refused this message (...)"}]}
+//! ```
+//!
+//! Each entry is the `[reactor, token, conn, seq]` of a waiting sender. The node's fan-out
+//! consumer hands them to its reactors, which then write the acks (or `UNAVAILABLE` errors).
+//! A notice that is lost (the node queue's length limit, a node restart) leaves the sender to
+//! its `persist_timeout_ms`: it gets `UNAVAILABLE`, never an ack for an uncommitted message.
 //!
 //! A consumer rejects (nack without requeue) an envelope that does not parse, has another
 //! version, or holds no messages or a message that is not a broadcast frame: on the persist
@@ -34,6 +54,7 @@
 //! both.
 
 use std::borrow::Cow;
+use std::io::Write;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -42,6 +63,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use crate::mailbox::Origin;
 use crate::protocol::{self, MessageType};
 use crate::store::Record;
 
@@ -51,6 +73,8 @@ pub const VERSION: u64 = 1;
 pub const CONTENT_TYPE: &str = "application/json";
 /// The AMQP `type` of an envelope: names the format and its version.
 pub const ENVELOPE_TYPE: &str = "chatflow.envelope.v1";
+/// The AMQP `type` of a commit notice.
+pub const NOTICE_TYPE: &str = "chatflow.stored.v1";
 
 /// Starts an envelope for `room` from `node` in `out`; then [`push`] messages and [`finish`].
 pub fn begin(out: &mut Vec<u8>, node: &str, room: &str) {
@@ -71,7 +95,28 @@ pub fn push(out: &mut Vec<u8>, payload: &[u8], first: bool) {
 
 /// Closes the envelope.
 pub fn finish(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"]}");
+    finish_waiting(out, &[]);
+}
+
+/// Closes the envelope, listing the senders who wait for the commit: `(index in messages,
+/// sender)`.
+pub fn finish_waiting(out: &mut Vec<u8>, waiting: &[(usize, Origin)]) {
+    out.push(b']');
+    if !waiting.is_empty() {
+        out.extend_from_slice(b",\"waiting\":[");
+        for (i, (index, o)) in waiting.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let _ = write!(
+                out,
+                "[{index},{},{},{},{}]",
+                o.reactor, o.token, o.conn, o.seq
+            );
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
 }
 
 fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -110,6 +155,8 @@ pub struct Envelope<'a> {
     pub room: Cow<'a, str>,
     /// The broadcast frames' JSON, verbatim.
     pub messages: Vec<&'a RawValue>,
+    /// Senders on `node` waiting for the commit: (index into `messages`, sender), by index.
+    pub waiting: Vec<(usize, Origin)>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +168,8 @@ struct Wire<'a> {
     room: Cow<'a, str>,
     #[serde(borrow)]
     messages: Vec<&'a RawValue>,
+    #[serde(default)]
+    waiting: Vec<[u64; 5]>,
 }
 
 #[derive(Deserialize)]
@@ -162,11 +211,98 @@ pub fn decode(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
             });
         }
     }
+    let mut waiting = Vec::with_capacity(wire.waiting.len());
+    for [index, reactor, token, conn, seq] in wire.waiting {
+        let index = usize::try_from(index)
+            .ok()
+            .filter(|&i| i < wire.messages.len())
+            .ok_or_else(|| {
+                EnvelopeError::Malformed(format!(
+                    "waiting names message {index} of {}",
+                    wire.messages.len()
+                ))
+            })?;
+        waiting.push((index, origin([reactor, token, conn, seq])?));
+    }
+    waiting.sort_unstable_by_key(|(i, _)| *i);
     Ok(Envelope {
         node: wire.node,
         room: wire.room,
         messages: wire.messages,
+        waiting,
     })
+}
+
+fn origin([reactor, token, conn, seq]: [u64; 4]) -> Result<Origin, EnvelopeError> {
+    let small = |v: u64| {
+        usize::try_from(v)
+            .map_err(|_| EnvelopeError::Malformed(format!("sender field {v} is out of range")))
+    };
+    Ok(Origin {
+        reactor: small(reactor)?,
+        token: small(token)?,
+        conn,
+        seq,
+    })
+}
+
+/// A waiting sender's fate after the commit: `Ok` stored, `Err` why not.
+pub type Settled = (Origin, Result<(), String>);
+
+#[derive(serde::Serialize, Deserialize)]
+struct WireNotice {
+    v: u64,
+    #[serde(default)]
+    stored: Vec<[u64; 4]>,
+    #[serde(default)]
+    failed: Vec<WireFailed>,
+}
+
+#[derive(serde::Serialize, Deserialize)]
+struct WireFailed {
+    at: [u64; 4],
+    why: String,
+}
+
+fn wire_origin(o: &Origin) -> [u64; 4] {
+    [o.reactor as u64, o.token as u64, o.conn, o.seq]
+}
+
+/// A commit notice for the senders in `settled`.
+pub fn encode_notice(settled: &[Settled]) -> Vec<u8> {
+    let mut notice = WireNotice {
+        v: VERSION,
+        stored: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (o, result) in settled {
+        match result {
+            Ok(()) => notice.stored.push(wire_origin(o)),
+            Err(why) => notice.failed.push(WireFailed {
+                at: wire_origin(o),
+                why: why.clone(),
+            }),
+        }
+    }
+    // Serializing plain numbers and strings into a Vec cannot fail.
+    serde_json::to_vec(&notice).unwrap_or_default()
+}
+
+/// The senders a commit notice settles.
+pub fn decode_notice(body: &[u8]) -> Result<Vec<Settled>, EnvelopeError> {
+    let wire: WireNotice =
+        serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    if wire.v != VERSION {
+        return Err(EnvelopeError::Version(wire.v));
+    }
+    let mut out = Vec::with_capacity(wire.stored.len() + wire.failed.len());
+    for at in wire.stored {
+        out.push((origin(at)?, Ok(())));
+    }
+    for f in wire.failed {
+        out.push((origin(f.at)?, Err(f.why)));
+    }
+    Ok(out)
 }
 
 /// The stored fields of a broadcast frame.
@@ -257,6 +393,55 @@ mod tests {
         }
         finish(&mut out);
         out
+    }
+
+    #[test]
+    fn waiting_senders_and_commit_notices_round_trip() {
+        let o = |seq| Origin {
+            reactor: 1,
+            token: 7,
+            conn: 99,
+            seq,
+        };
+        let mut out = Vec::new();
+        begin(&mut out, "n1", "7");
+        push(&mut out, MSG.as_bytes(), true);
+        push(&mut out, MSG.as_bytes(), false);
+        finish_waiting(&mut out, &[(1, o(5))]);
+        let env = decode(&out).expect("decodes");
+        assert_eq!(env.messages.len(), 2);
+        assert_eq!(env.waiting, vec![(1, o(5))]);
+        // Without waiting senders the field is left out.
+        assert!(!String::from_utf8_lossy(&envelope("n1", "7", &[MSG])).contains("waiting"));
+
+        let notice = encode_notice(&[(o(5), Ok(())), (o(6), Err("refused \"x\"".into()))]);
+        let back = decode_notice(&notice).expect("notice");
+        assert_eq!(
+            back,
+            vec![(o(5), Ok(())), (o(6), Err("refused \"x\"".into()))]
+        );
+        assert!(matches!(
+            decode_notice(br#"{"v":2,"stored":[]}"#),
+            Err(EnvelopeError::Version(2))
+        ));
+        assert!(decode_notice(b"nope").is_err());
+    }
+
+    #[test]
+    fn a_waiting_entry_must_name_a_message_of_the_envelope() {
+        let body = format!(
+            r#"{{"v":1,"node":"n","room":"7","messages":[{MSG}],"waiting":[[1,0,0,0,1]]}}"#
+        );
+        assert!(matches!(
+            decode(body.as_bytes()),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        let body =
+            format!(r#"{{"v":1,"node":"n","room":"7","messages":[{MSG}],"waiting":[[0,0,0,0]]}}"#);
+        assert!(
+            decode(body.as_bytes()).is_err(),
+            "four numbers are not a waiting entry"
+        );
     }
 
     #[test]

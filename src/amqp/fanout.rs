@@ -32,7 +32,7 @@ use super::envelope::{self, EnvelopeError};
 use super::link::{self, Backoff};
 use super::{Role, Shared, Topology};
 use crate::bus::{Batch, Fanout, Inbox};
-use crate::mailbox::{Reply, ReplyTo};
+use crate::mailbox::{Completion, Reply, ReplyTo};
 use crate::reactor::shared_text_frame;
 
 /// Most chat messages handed to the reactors in one batch.
@@ -266,6 +266,7 @@ impl FanoutThread {
         let shared = self.shared.clone();
         let stats = &shared.stats;
         let mut batch: Batch = Vec::new();
+        let mut settled: Vec<Vec<Completion>> = Vec::new();
         let mut last: Option<Delivery> = None;
         let mut taken = 0;
         while batch.len() < MAX_BATCH_MESSAGES && taken < usize::from(shared.settings.prefetch) {
@@ -281,7 +282,13 @@ impl FanoutThread {
             if d.redelivered {
                 stats.redeliveries.fetch_add(1, Ordering::Relaxed);
             }
-            match self.frames(&d.body, &mut batch) {
+            let notice = d.properties.type_().as_deref() == Some(envelope::NOTICE_TYPE);
+            let read = if notice {
+                self.notice(&d.body, &mut settled)
+            } else {
+                self.frames(&d.body, &mut batch)
+            };
+            match read {
                 Ok(()) => {
                     d.body = Vec::new();
                     last = Some(d);
@@ -297,6 +304,14 @@ impl FanoutThread {
                 }
             }
         }
+        for (reactor, completions) in settled.into_iter().enumerate() {
+            if let (false, Some(mailbox)) =
+                (completions.is_empty(), self.shared.mailboxes.get(reactor))
+            {
+                // Err: that reactor has stopped; nobody waits any more.
+                let _ = mailbox.send(Reply::Settled(completions));
+            }
+        }
         if !batch.is_empty() {
             let n = batch.len() as u64;
             if !self.hand_over(batch) {
@@ -307,6 +322,30 @@ impl FanoutThread {
         }
         if let Some(d) = last {
             settle(d, true).map_err(|e| End::Lost(self.shared.describe(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Sorts a commit notice's senders by reactor into `settled`.
+    fn notice(&self, body: &[u8], settled: &mut Vec<Vec<Completion>>) -> Result<(), EnvelopeError> {
+        let notice = envelope::decode_notice(body)?;
+        self.shared
+            .stats
+            .notices_received
+            .fetch_add(notice.len() as u64, Ordering::Relaxed);
+        for (o, result) in notice {
+            if o.reactor >= self.shared.mailboxes.len() {
+                continue;
+            }
+            if settled.len() <= o.reactor {
+                settled.resize_with(o.reactor + 1, Vec::new);
+            }
+            settled[o.reactor].push(Completion {
+                token: o.token,
+                conn: o.conn,
+                seq: o.seq,
+                result,
+            });
         }
         Ok(())
     }

@@ -256,6 +256,10 @@ pub struct AmqpStats {
     pub reconnects: AtomicU64,
     /// Rooms the node queue is bound to.
     pub bound_rooms: AtomicUsize,
+    /// Senders (`ack_after = persisted`) this node's persist consumer told of their commit.
+    pub commit_notices: AtomicU64,
+    /// Such senders of this node told by a notice from another node's persist consumer.
+    pub notices_received: AtomicU64,
 }
 
 /// Buckets for chat messages per envelope.
@@ -278,6 +282,8 @@ impl AmqpStats {
             dead_lettered: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             bound_rooms: AtomicUsize::new(0),
+            commit_notices: AtomicU64::new(0),
+            notices_received: AtomicU64::new(0),
         }
     }
 
@@ -295,8 +301,10 @@ struct Job {
     room: Arc<str>,
     /// The broadcast JSON, verbatim.
     payload: Box<[u8]>,
-    /// Whom to tell about the confirm.
+    /// Whom to tell about the confirm (or, with `persisted`, about a failure to publish).
     origin: Option<Origin>,
+    /// The sender waits for the commit: listed in the envelope's `waiting`.
+    persisted: bool,
     /// When the reactor accepted it: the confirm timeout counts from here.
     accepted: Instant,
 }
@@ -663,6 +671,7 @@ impl Publisher for AmqpPublisher {
             room: out.fanout.room.clone(),
             payload: out.payload.into(),
             origin: out.origin,
+            persisted: out.persisted,
             accepted: Instant::now(),
         };
         if !queue.send_reserved(job) {
@@ -749,7 +758,7 @@ impl Bus for AmqpBus {
     fn render_metrics(&self, out: &mut String) {
         let s = &self.shared.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "chatflow_amqp_published_total",
                 "Chat messages published to RabbitMQ (republished ones count again).",
@@ -799,6 +808,16 @@ impl Bus for AmqpBus {
                 "chatflow_amqp_reconnects_total",
                 "Connections to RabbitMQ reopened after a loss.",
                 load(&s.reconnects),
+            ),
+            (
+                "chatflow_amqp_commit_notices_sent_total",
+                "Senders waiting for the commit (ack_after = persisted) whose messages this node's persist consumer settled.",
+                load(&s.commit_notices),
+            ),
+            (
+                "chatflow_amqp_commit_notices_received_total",
+                "Senders on this node settled by a commit notice from another node's persist consumer.",
+                load(&s.notices_received),
             ),
         ];
         for (name, help, v) in counters {

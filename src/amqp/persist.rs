@@ -14,18 +14,21 @@
 //! rejected whole to the dead-letter queue (`chat.dlq`): nothing of it is stored, so an
 //! operator can fix and republish it without making duplicates.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
+use amiquip::{
+    AmqpProperties, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, Publish,
+};
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 
-use super::envelope;
+use super::envelope::{self, Settled};
 use super::link::{self, Backoff};
-use super::{Role, Shared};
-use crate::store::writer::{DeliveryOutcomes, Persist, StoreQueue};
+use super::{Role, Shared, Topology};
+use crate::mailbox::{Completion, Origin, Reply};
+use crate::store::writer::{DeliveryOutcomes, DeliveryRef, Persist, StoreQueue};
 
 /// Longest wait in one turn, so shutdown is noticed.
 const TICK: Duration = Duration::from_millis(100);
@@ -47,6 +50,12 @@ struct Taken {
     delivery: Delivery,
     /// Messages not reported yet.
     remaining: usize,
+    /// The node that accepted the messages.
+    node: String,
+    /// Its senders waiting for the commit: (index in the envelope, sender), by index.
+    waiting: Vec<(usize, Origin)>,
+    /// Their fates so far, for the commit notice.
+    settled: Vec<Settled>,
 }
 
 /// How a session ended.
@@ -172,10 +181,10 @@ impl PersistThread {
                 }
                 let _ = select.ready_timeout(TICK);
             }
-            if let Err(end) = self.apply_outcomes(&mut taken, &consumer) {
+            if let Err(end) = self.apply_outcomes(&mut taken, &consumer, channel) {
                 return end;
             }
-            if consuming && let Err(end) = self.take_deliveries(&mut taken, &consumer) {
+            if consuming && let Err(end) = self.take_deliveries(&mut taken, &consumer, channel) {
                 return end;
             }
         }
@@ -186,10 +195,11 @@ impl PersistThread {
         &self,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
+        channel: &Channel,
     ) -> Result<(), End> {
         for _ in 0..usize::from(self.shared.settings.prefetch) {
             match consumer.receiver().try_recv() {
-                Ok(ConsumerMessage::Delivery(d)) => self.take(d, taken, consumer)?,
+                Ok(ConsumerMessage::Delivery(d)) => self.take(d, taken, consumer, channel)?,
                 Ok(other) => return Err(End::Lost(format!("the consumer ended: {other:?}"))),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -205,14 +215,18 @@ impl PersistThread {
         mut d: Delivery,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
+        channel: &Channel,
     ) -> Result<(), End> {
         let stats = &self.shared.stats;
         stats.persist_deliveries.fetch_add(1, Ordering::Relaxed);
         if d.redelivered {
             stats.redeliveries.fetch_add(1, Ordering::Relaxed);
         }
-        let parsed = envelope::decode(&d.body).and_then(|env| envelope::records(&env));
-        let records = match parsed {
+        let parsed = envelope::decode(&d.body).and_then(|env| {
+            let records = envelope::records(&env)?;
+            Ok((records, env.node.into_owned(), env.waiting))
+        });
+        let (records, node, waiting) = match parsed {
             Ok(r) => r,
             Err(e) => {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -236,17 +250,20 @@ impl PersistThread {
             Taken {
                 delivery: d,
                 remaining: records.len(),
+                node,
+                settled: Vec::with_capacity(waiting.len()),
+                waiting,
             },
         );
         let key = delivery_key(self.generation, tag);
-        for record in records {
+        for (index, record) in records.into_iter().enumerate() {
             let mut pause = Duration::from_micros(200);
             // Policy when the writers' queue is full: wait, acknowledging what completes
             // meanwhile; the broker holds the rest (prefetch). Looking at the depth first
             // keeps a long wait from counting as thousands of refusals in the store's
             // metrics.
             while !(self.store.depth() < self.store.capacity() && self.store.reserve()) {
-                self.apply_outcomes(taken, consumer)?;
+                self.apply_outcomes(taken, consumer, channel)?;
                 if self.shared.control.past_deadline() {
                     // Part of this delivery is with the writers; unacknowledged, it comes
                     // back and the store skips what it has.
@@ -258,7 +275,12 @@ impl PersistThread {
             let persist = Persist {
                 record,
                 origin: None,
-                delivery: Some(key),
+                delivery: Some(DeliveryRef {
+                    key,
+                    // Envelopes hold at most amqp_batch_max (u16-sized) messages; a
+                    // larger index cannot name a waiting sender anyway.
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                }),
             };
             if !self.store.send_reserved(persist) {
                 log::error!("amqp persist: the store's writers have stopped; consuming stops");
@@ -272,39 +294,91 @@ impl PersistThread {
         Ok(())
     }
 
-    /// Counts the writers' reports and acknowledges the deliveries that are done, lowest
-    /// first.
+    /// Counts the writers' reports, acknowledges the deliveries that are done, lowest first,
+    /// and then tells the senders who waited for those commits.
     fn apply_outcomes(
         &self,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
+        channel: &Channel,
     ) -> Result<(), End> {
         let generation = self.generation & (u64::MAX >> TAG_BITS);
         while let Ok(outcomes) = self.outcomes.try_recv() {
             // Stored or dead-lettered by the store: either way the message is settled.
-            for (key, _stored) in outcomes {
-                if key >> TAG_BITS != generation {
+            for (d, result) in outcomes {
+                if d.key >> TAG_BITS != generation {
                     continue;
                 }
-                if let Some(t) = taken.get_mut(&(key & TAG_MASK)) {
+                if let Some(t) = taken.get_mut(&(d.key & TAG_MASK)) {
                     t.remaining = t.remaining.saturating_sub(1);
+                    let index = d.index as usize;
+                    if let Ok(i) = t.waiting.binary_search_by_key(&index, |(i, _)| *i) {
+                        t.settled.push((t.waiting[i].1, result));
+                    }
                 }
             }
         }
         let mut last = None;
+        let mut notices: HashMap<String, Vec<Settled>> = HashMap::new();
         while let Some(first) = taken.first_entry() {
             if first.get().remaining > 0 {
                 break;
             }
-            last = Some(first.remove().delivery);
+            let done = first.remove();
+            if !done.settled.is_empty() {
+                notices.entry(done.node).or_default().extend(done.settled);
+            }
+            last = Some(done.delivery);
         }
-        match last {
+        if let Some(d) = last {
             // Every delivery up to this one is done or was rejected already.
-            Some(d) => consumer
+            consumer
                 .ack_multiple(d)
-                .map_err(|e| End::Lost(self.shared.describe(&e))),
-            None => Ok(()),
+                .map_err(|e| End::Lost(self.shared.describe(&e)))?;
         }
+        for (node, settled) in notices {
+            self.notify(channel, &node, settled)?;
+        }
+        Ok(())
+    }
+
+    /// Tells `node`'s senders their messages are committed (or refused): this node's own
+    /// reactors directly, another node through its queue (see [`envelope::encode_notice`]).
+    fn notify(&self, channel: &Channel, node: &str, settled: Vec<Settled>) -> Result<(), End> {
+        let shared = &self.shared;
+        shared
+            .stats
+            .commit_notices
+            .fetch_add(settled.len() as u64, Ordering::Relaxed);
+        if node == shared.settings.node_id {
+            let mut by_reactor: HashMap<usize, Vec<Completion>> = HashMap::new();
+            for (o, result) in settled {
+                by_reactor.entry(o.reactor).or_default().push(Completion {
+                    token: o.token,
+                    conn: o.conn,
+                    seq: o.seq,
+                    result,
+                });
+            }
+            for (reactor, completions) in by_reactor {
+                if let Some(mailbox) = shared.mailboxes.get(reactor) {
+                    // Err: that reactor has stopped; nobody waits any more.
+                    let _ = mailbox.send(Reply::Settled(completions));
+                }
+            }
+            return Ok(());
+        }
+        let queue = Topology::new(&shared.settings.namespace, node).node_queue;
+        let body = envelope::encode_notice(&settled);
+        let properties = AmqpProperties::default()
+            .with_content_type(envelope::CONTENT_TYPE.into())
+            .with_type_(envelope::NOTICE_TYPE.into())
+            .with_app_id("chatflow".into());
+        // The default exchange routes to the queue named by the key; if that node is gone the
+        // notice is dropped, and nobody waits for it.
+        channel
+            .basic_publish("", Publish::with_properties(&body, queue, properties))
+            .map_err(|e| End::Lost(self.shared.describe(&e)))
     }
 }
 

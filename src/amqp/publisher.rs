@@ -41,6 +41,9 @@ struct Envelope {
     body: Vec<u8>,
     /// Senders waiting for the confirm.
     origins: Vec<Origin>,
+    /// Senders waiting for the commit (`ack_after = persisted`), by index in the envelope:
+    /// listed in it for the persist consumer, told here only if publishing fails.
+    waiting: Vec<(usize, Origin)>,
     messages: usize,
     sealed: bool,
     /// When its oldest message was accepted.
@@ -285,6 +288,7 @@ impl PublisherThread {
                         room: job.room.clone(),
                         body,
                         origins: Vec::new(),
+                        waiting: Vec::new(),
                         messages: 0,
                         sealed: false,
                         oldest: job.accepted,
@@ -296,8 +300,12 @@ impl PublisherThread {
             };
             let env = &mut self.pending[at];
             envelope::push(&mut env.body, &job.payload, env.messages == 0);
+            match job.origin {
+                Some(o) if job.persisted => env.waiting.push((env.messages, o)),
+                Some(o) => env.origins.push(o),
+                None => {}
+            }
             env.messages += 1;
-            env.origins.extend(job.origin);
         }
         for (_, i) in self.open.drain() {
             seal(&mut self.pending[i]);
@@ -487,8 +495,19 @@ impl PublisherThread {
         n
     }
 
+    /// Tells the senders waiting for `env`'s confirm; on a failure, also those waiting for
+    /// its commit, which will not come.
     fn settle(&mut self, env: Envelope, result: Result<(), String>) {
-        for o in env.origins {
+        let waiting = if result.is_err() {
+            env.waiting
+        } else {
+            Vec::new()
+        };
+        let senders = env
+            .origins
+            .into_iter()
+            .chain(waiting.into_iter().map(|(_, o)| o));
+        for o in senders {
             if let Some(list) = self.settled.get_mut(o.reactor) {
                 list.push(Completion {
                     token: o.token,
@@ -550,7 +569,7 @@ impl PublisherThread {
 
 fn seal(env: &mut Envelope) {
     if !env.sealed {
-        envelope::finish(&mut env.body);
+        envelope::finish_waiting(&mut env.body, &env.waiting);
         env.sealed = true;
     }
 }

@@ -1170,7 +1170,7 @@ impl Reactor {
         let waits = match ack_after {
             AckAfter::Received => false,
             AckAfter::Published => bus_stores,
-            AckAfter::Persisted => !bus_stores,
+            AckAfter::Persisted => true,
         };
         let origin = match self.conns.get_mut(t).map(|c| (c.uid, &mut c.phase)) {
             Some((uid, Phase::Open(session))) if waits => {
@@ -1202,11 +1202,14 @@ impl Reactor {
                 let out = Outgoing {
                     fanout: &fanout,
                     payload: &body,
-                    origin: if ack_after == AckAfter::Published {
-                        origin
-                    } else {
-                        None
+                    // With a bus that stores, `persisted` waits for the commit notice of
+                    // whichever node's persist consumer stores the message.
+                    origin: match ack_after {
+                        AckAfter::Published => origin,
+                        AckAfter::Persisted if bus_stores => origin,
+                        _ => None,
                     },
+                    persisted: ack_after == AckAfter::Persisted,
                 };
                 match self.publisher.publish(&out) {
                     Ok(a) => accepted = a,

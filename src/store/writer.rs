@@ -39,12 +39,22 @@ pub struct Persist {
     /// Who waits for the commit (with `ack_after = persisted`).
     pub origin: Option<Origin>,
     /// The broker delivery the message came in, acknowledged to the broker after the commit.
-    pub delivery: Option<u64>,
+    pub delivery: Option<DeliveryRef>,
 }
 
-/// The fate of the messages of broker deliveries, after their batch: (delivery tag, stored
-/// or dead-lettered). A message given up at shutdown is not reported: the broker redelivers.
-pub type DeliveryOutcomes = Vec<(u64, bool)>;
+/// A message's place in a broker delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliveryRef {
+    /// The delivery, as its consumer names it.
+    pub key: u64,
+    /// The message's position in it.
+    pub index: u32,
+}
+
+/// The fate of the messages of broker deliveries, after their batch: stored (`Ok`) or
+/// dead-lettered (`Err` with what to tell a sender waiting for the commit). A message given
+/// up at shutdown is not reported: the broker redelivers.
+pub type DeliveryOutcomes = Vec<(DeliveryRef, Result<(), String>)>;
 
 /// Writer pool settings.
 #[derive(Clone, Debug)]
@@ -342,19 +352,17 @@ impl Writer {
             stats
                 .commit_lag_seconds
                 .observe(now.duration_since(queued).as_secs_f64());
-            if let Some(tag) = p.delivery {
+            if let Some(d) = p.delivery {
                 match &fate {
-                    Fate::Stored => outcomes.push((tag, true)),
-                    Fate::DeadLettered(_) => outcomes.push((tag, false)),
+                    Fate::Stored => outcomes.push((d, Ok(()))),
+                    Fate::DeadLettered(why) => outcomes.push((d, Err(refused(why)))),
                     Fate::Abandoned(_) => {}
                 }
             }
             if let Some(o) = p.origin {
                 let result = match fate {
                     Fate::Stored => Ok(()),
-                    Fate::DeadLettered(why) => Err(format!(
-                        "the store refused this message ({why}); it was not stored"
-                    )),
+                    Fate::DeadLettered(why) => Err(refused(&why)),
                     Fate::Abandoned(why) => Err(format!(
                         "the store was unreachable until shutdown ({why}); it was not stored"
                     )),
@@ -504,4 +512,9 @@ impl Writer {
 fn jitter(d: Duration) -> Duration {
     let quarter = d / 4;
     d - quarter + quarter.mul_f64(fastrand::f64() * 2.0)
+}
+
+/// What a sender waiting for the commit is told about a message the store refused.
+fn refused(why: &str) -> String {
+    format!("the store refused this message ({why}); it was not stored")
 }
