@@ -1,6 +1,7 @@
 //! Test support: a server per test on a free port, and small blocking clients.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod pg;
 pub mod serve;
 pub mod stores;
