@@ -3,180 +3,20 @@
 //! follow the rooms a node serves, the dead-letter queue, `/ready` and the metrics.
 //!
 //! Each test has its own `amqp_namespace` (so tests run in parallel on one broker) and deletes
-//! its exchanges and queues at the end. Each holds the shared broker lock of `tests/cluster.rs`,
-//! so the outage test there never stops the broker under them. Outages, killed nodes and load
-//! balancers are tested in `tests/cluster.rs`.
+//! its exchanges and queues at the end. Each holds the shared broker lock of
+//! `tests/util/broker.rs`, so the outage test of `tests/cluster.rs` never stops the broker under
+//! them. Outages, killed nodes and load balancers are tested in `tests/cluster.rs`.
 
 mod util;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::AsRawFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use util::broker::{Namespace, amqp_url};
 use util::pg::TestDb;
 use util::{Client, TestServer, msg};
-
-fn amqp_url() -> String {
-    std::env::var("CHATFLOW_TEST_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
-}
-
-/// The lock `tests/cluster.rs` takes exclusively while it stops the broker; shared here.
-const BROKER_LOCK: &str = "/tmp/chatflow-rabbitmq-outage.lock";
-
-struct BrokerLock(std::fs::File);
-
-impl BrokerLock {
-    fn shared() -> BrokerLock {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(BROKER_LOCK)
-            .unwrap_or_else(|e| panic!("open {BROKER_LOCK}: {e}"));
-        let start = Instant::now();
-        loop {
-            // SAFETY: flock(2) on a descriptor this function owns; no memory is shared.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-            if rc == 0 {
-                return BrokerLock(file);
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(1200),
-                "the broker lock {BROKER_LOCK} stayed taken"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for BrokerLock {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-/// A namespace of this test's own; its queues and exchanges are deleted when dropped (declare
-/// it before the nodes, so it is dropped after them).
-struct Namespace {
-    prefix: String,
-    _lock: BrokerLock,
-}
-
-impl Namespace {
-    fn new() -> Namespace {
-        let lock = BrokerLock::shared();
-        Namespace {
-            prefix: format!(
-                "t{}-{}.",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ),
-            _lock: lock,
-        }
-    }
-
-    fn name(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.prefix)
-    }
-
-    fn node(&self, id: &str, store: &str) -> TestServer {
-        let ns = self.prefix.clone();
-        let (id, store) = (id.to_string(), store.to_string());
-        TestServer::start(move |c| {
-            c.bus = amqp_url();
-            c.amqp_namespace = ns;
-            c.node_id = id;
-            c.store = store;
-            c.reactors = 2;
-        })
-    }
-
-    /// Opens a connection for the test's own publishing and inspection.
-    fn connect(&self) -> amiquip::Connection {
-        amiquip::Connection::insecure_open(&amqp_url()).expect("the test connects to RabbitMQ")
-    }
-
-    /// Messages in a queue of this namespace.
-    fn depth(&self, queue: &str) -> u32 {
-        let mut conn = self.connect();
-        let ch = conn.open_channel(None).expect("channel");
-        let q = ch
-            .queue_declare_passive(self.name(queue))
-            .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
-        let n = q.declared_message_count().unwrap_or(0);
-        let _ = conn.close();
-        n
-    }
-
-    /// Whether a queue of this namespace exists.
-    fn has_queue(&self, queue: &str) -> bool {
-        let mut conn = self.connect();
-        let ch = conn.open_channel(None).expect("channel");
-        let found = ch.queue_declare_passive(self.name(queue)).is_ok();
-        let _ = conn.close();
-        found
-    }
-
-    /// (queue, routing key) of the bindings from this namespace's exchange.
-    fn bindings(&self) -> HashSet<(String, String)> {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "list_bindings",
-                "-q",
-                "source_name",
-                "destination_name",
-                "routing_key",
-                "--formatter",
-                "json",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(out.status.success(), "rabbitmqctl list_bindings: {out:?}");
-        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON from rabbitmqctl");
-        let exchange = self.name("chat.exchange");
-        rows.iter()
-            .filter(|b| b["source_name"] == exchange.as_str())
-            .map(|b| {
-                (
-                    b["destination_name"].as_str().unwrap_or("").to_string(),
-                    b["routing_key"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect()
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let Ok(mut conn) = amiquip::Connection::insecure_open(&amqp_url()) else {
-            return;
-        };
-        let queues = ["chat.persist", "chat.dlq", "chat.node.n1", "chat.node.n2"];
-        let queues = queues.into_iter().chain(["chat.node.n3"]);
-        // One channel per deletion: a refused one closes its channel.
-        for q in queues {
-            if let Ok(ch) = conn.open_channel(None) {
-                let _ = ch.queue_delete(self.name(q), amiquip::QueueDeleteOptions::default());
-                let _ = ch.close();
-            }
-        }
-        for x in ["chat.exchange", "chat.dlx"] {
-            if let Ok(ch) = conn.open_channel(None) {
-                let _ = ch.exchange_delete(self.name(x), false);
-                let _ = ch.close();
-            }
-        }
-        let _ = conn.close();
-    }
-}
 
 /// Waits until `node`'s queue is bound to `rooms` rooms (a member's first message from
 /// another node can only arrive once the binding exists).
@@ -232,7 +72,7 @@ fn read_broadcasts(c: &mut Client, who: &str, users: &[u64], want: u64) -> HashM
 
 #[test]
 fn every_member_on_three_nodes_gets_every_message_once_in_order() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("fanout");
     let nodes: Vec<TestServer> = ["n1", "n2", "n3"]
         .iter()
         .map(|id| ns.node(id, "memory"))
@@ -332,7 +172,7 @@ fn every_member_on_three_nodes_gets_every_message_once_in_order() {
 
 #[test]
 fn messages_sent_through_two_nodes_are_stored_once_in_postgres() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("stored");
     let db = TestDb::new("amqp_once");
     let nodes = [ns.node("n1", &db.url), ns.node("n2", &db.url)];
     let per_sender = 200u64;
@@ -411,13 +251,13 @@ fn messages_sent_through_two_nodes_are_stored_once_in_postgres() {
 
 #[test]
 fn a_node_is_bound_only_to_the_rooms_it_has_members_in() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("bindings");
     let n1 = ns.node("n1", "memory");
     let n2 = ns.node("n2", "memory");
     let q1 = ns.name("chat.node.n1");
     let q2 = ns.name("chat.node.n2");
     let bound = |q: &str, room: &str| {
-        ns.bindings()
+        ns.exchange_bindings()
             .contains(&(q.to_string(), format!("room.{room}")))
     };
 
@@ -425,12 +265,20 @@ fn a_node_is_bound_only_to_the_rooms_it_has_members_in() {
     let mut b = n2.ws("by");
     wait_bound(&n1, 1);
     wait_bound(&n2, 1);
-    assert!(bound(&q1, "bx") && !bound(&q1, "by"), "{:?}", ns.bindings());
-    assert!(bound(&q2, "by") && !bound(&q2, "bx"), "{:?}", ns.bindings());
+    assert!(
+        bound(&q1, "bx") && !bound(&q1, "by"),
+        "{:?}",
+        ns.exchange_bindings()
+    );
+    assert!(
+        bound(&q2, "by") && !bound(&q2, "bx"),
+        "{:?}",
+        ns.exchange_bindings()
+    );
     assert!(
         bound(&ns.name("chat.persist"), "#"),
         "the persist queue takes every room: {:?}",
-        ns.bindings()
+        ns.exchange_bindings()
     );
 
     // A member of bx on n2: n2 binds bx too, and n1's member hears it.
@@ -444,7 +292,7 @@ fn a_node_is_bound_only_to_the_rooms_it_has_members_in() {
     // n1's last member of bx leaves: n1 is unbound, and hears nothing more of bx.
     drop(a);
     wait_bound(&n1, 0);
-    assert!(!bound(&q1, "bx"), "{:?}", ns.bindings());
+    assert!(!bound(&q1, "bx"), "{:?}", ns.exchange_bindings());
     let before = n1.metric("chatflow_amqp_delivered_total");
     c.send(&msg(5, "bx", "1"));
     c.recv_type("ack");
@@ -464,7 +312,7 @@ fn a_node_is_bound_only_to_the_rooms_it_has_members_in() {
 
 #[test]
 fn malformed_envelopes_go_to_the_dead_letter_queue_and_consumers_keep_going() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("dlq");
     let n1 = ns.node("n1", "memory");
     let n2 = ns.node("n2", "memory");
     let mut a = n1.ws("m");
@@ -538,7 +386,7 @@ fn malformed_envelopes_go_to_the_dead_letter_queue_and_consumers_keep_going() {
 
 #[test]
 fn a_node_whose_queue_is_deleted_declares_and_binds_it_again() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("redeclare");
     let n1 = ns.node("n1", "memory");
     let n2 = ns.node("n2", "memory");
     let mut a = n1.ws("q");
@@ -571,7 +419,7 @@ fn a_node_whose_queue_is_deleted_declares_and_binds_it_again() {
 
 #[test]
 fn ready_reports_the_bus_and_the_ack_waits_for_the_confirm() {
-    let ns = Namespace::new();
+    let ns = Namespace::locked("ready");
     let n1 = ns.node("n1", "memory");
     let ready = n1.get("/ready");
     assert_eq!(ready.status, 200, "{}", ready.body);
@@ -639,7 +487,7 @@ fn publish_rate(batch_max: usize, messages: u64) -> (f64, u64) {
     use chatflow::store::writer::WriterPool;
     use std::sync::Arc;
 
-    let ns = Namespace::new();
+    let ns = Namespace::locked("rate");
     let poll = mio::Poll::new().expect("poll");
     let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
     let (inbox, _inbox_rx) = Inbox::new(1024, waker.clone());
@@ -704,6 +552,7 @@ fn publish_rate(batch_max: usize, messages: u64) -> (f64, u64) {
         let out = Outgoing {
             fanout: &fanout,
             payload: body.as_bytes(),
+            persisted: false,
             origin: Some(Origin {
                 reactor: 0,
                 token: 0,
@@ -742,4 +591,137 @@ fn measure_published_messages_per_second_batch_64_vs_1() {
             );
         }
     }
+}
+
+/// PROTOCOL.md §1: a member hears the room from the moment its upgrade completes. A room new
+/// to a node needs a binding first, so that upgrade is answered only once the broker has made
+/// it; a room the node already serves is answered at once.
+#[test]
+fn an_upgrade_waits_for_its_room_binding_only_when_the_room_is_new_to_the_node() {
+    let ns = Namespace::locked("joinwait");
+    let n1 = ns.node("n1", "memory");
+    let q1 = ns.name("chat.node.n1");
+    let bound = || {
+        ns.exchange_bindings()
+            .contains(&(q1.clone(), "room.wx".to_string()))
+    };
+    let waited = || n1.metric("chatflow_upgrades_waited_total");
+    assert_eq!(waited(), 0);
+
+    // The 101 came after the binding: it is there the moment the client is connected.
+    let a = n1.ws("wx");
+    assert!(
+        bound(),
+        "upgraded before the binding: {:?}",
+        ns.exchange_bindings()
+    );
+    assert_eq!(waited(), 1);
+
+    // A second member of a room the node serves does not wait.
+    let b = n1.ws("wx");
+    assert_eq!(waited(), 1);
+
+    // Once the last member leaves the node is unbound; the next member waits again.
+    drop(a);
+    drop(b);
+    wait_bound(&n1, 0);
+    assert!(!bound());
+    let _c = n1.ws("wx");
+    assert!(
+        bound(),
+        "upgraded before the binding: {:?}",
+        ns.exchange_bindings()
+    );
+    assert_eq!(waited(), 2);
+}
+
+/// A node on the RabbitMQ bus in `ns` with `ack_after = persisted`, one chat message per
+/// envelope so that deliveries alternate between the nodes' persist consumers.
+fn persisted_node(ns: &Namespace, id: &str, store: &str) -> TestServer {
+    ns.node_with(id, store, |c| {
+        c.ack_after = chatflow::config::AckAfter::Persisted;
+        c.amqp_batch_max = 1;
+    })
+}
+
+/// With `ack_after = persisted` on the RabbitMQ bus, an ack means the row is committed, even
+/// when another node's persist consumer stored it (it sends a commit notice back); a
+/// message PostgreSQL refuses is answered UNAVAILABLE, not acked, and its neighbours are
+/// stored.
+#[test]
+fn with_persisted_an_ack_means_committed_whichever_node_stored_the_message() {
+    let ns = Namespace::locked("persisted");
+    let db = TestDb::new("amqp_persisted");
+    let nodes = [
+        persisted_node(&ns, "n1", &db.url),
+        persisted_node(&ns, "n2", &db.url),
+    ];
+    let mut pg = db.client();
+    let per_node = 100u32;
+    for (i, node) in nodes.iter().enumerate() {
+        let room = format!("pp{i}");
+        let mut c = node.ws(&room);
+        for n in 0..per_node {
+            let mut m = msg(i as u32 + 1, &room, &format!("m{n}"));
+            m["clientMessageId"] = format!("pp{i}-{n}").into();
+            c.queue(&m);
+        }
+        c.flush();
+        for n in 0..per_node {
+            let ack = c.recv_type("ack");
+            assert_eq!(
+                ack["clientMessageId"],
+                format!("pp{i}-{n}"),
+                "arrival order"
+            );
+            let id = ack["messageId"].as_str().expect("messageId").to_string();
+            // The ack was written after the commit: the row is there now, not eventually.
+            let rows: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM messages WHERE message_id = $1::text::uuid",
+                    &[&id],
+                )
+                .expect("query")
+                .get(0);
+            assert_eq!(rows, 1, "acked {id} ({i}/{n}) is not committed");
+        }
+    }
+    let refs: Vec<&TestServer> = nodes.iter().collect();
+    let total = u64::from(2 * per_node);
+    assert_eq!(
+        sum_metric(&refs, "chatflow_amqp_commit_notices_sent_total"),
+        total
+    );
+    assert!(
+        sum_metric(&refs, "chatflow_amqp_commit_notices_received_total") > 0,
+        "with one message per envelope, some were stored by the other node"
+    );
+
+    // PostgreSQL refuses a NUL in text: the sender is told, and the next message is acked.
+    let mut c = nodes[0].ws("poison");
+    let mut bad = msg(9, "poison", "before \u{0} after");
+    bad["clientMessageId"] = "bad".into();
+    c.send(&bad);
+    let reply = c.recv();
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "UNAVAILABLE", "{reply}");
+    assert_eq!(reply["clientMessageId"], "bad", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused")),
+        "{reply}"
+    );
+    let mut good = msg(9, "poison", "after");
+    good["clientMessageId"] = "good".into();
+    c.send(&good);
+    assert_eq!(c.recv_type("ack")["clientMessageId"], "good");
+    let stored: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM messages WHERE room_id = 'poison'",
+            &[],
+        )
+        .expect("query")
+        .get(0);
+    assert_eq!(stored, 1);
 }
