@@ -2,7 +2,11 @@
 //! scripts/apply-tuning, and the Grafana dashboard against the server's real /metrics.
 //!
 //! The unit test needs `systemd-analyze` (Debian package `systemd`). The tuning test only
-//! ever runs `scripts/apply-tuning --dry-run`: no test changes a kernel setting.
+//! ever runs `scripts/apply-tuning --dry-run`: no test changes a kernel setting. The
+//! dashboard's "RabbitMQ bus" row is checked against a server on the machine's RabbitMQ, in a
+//! namespace of its own, holding the shared broker lock of `tests/util/broker.rs`.
+
+mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -503,6 +507,65 @@ fn metric_names(expr: &str) -> Vec<String> {
     names
 }
 
+/// The metric families `queries` use: a histogram family `x` is queried through its
+/// `x_bucket`, `x_sum` and `x_count` series.
+fn families_queried(queries: &[String]) -> BTreeSet<String> {
+    queries
+        .iter()
+        .flat_map(|q| metric_names(q))
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| n.strip_suffix(suffix))
+                .map_or(n.clone(), str::to_string)
+        })
+        .collect()
+}
+
+/// The families of a `/metrics` body (its `# TYPE` lines).
+fn families_in(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The title of the dashboard's row for the RabbitMQ bus.
+const BUS_ROW: &str = "RabbitMQ bus";
+
+/// The dashboard without the panels of the [`BUS_ROW`] row, and those panels: the ones below
+/// that row and above the next (or nested in it, when it is collapsed).
+fn split_bus_row(dashboard: &serde_json::Value) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut rest = dashboard.clone();
+    let panels = rest["panels"].as_array_mut().expect("panels");
+    let y = |p: &serde_json::Value| p["gridPos"]["y"].as_u64().expect("gridPos.y");
+    let Some(row) = panels
+        .iter()
+        .find(|p| p["type"] == "row" && p["title"] == BUS_ROW)
+        .cloned()
+    else {
+        return (rest, Vec::new());
+    };
+    let top = y(&row);
+    let bottom = panels
+        .iter()
+        .filter(|p| p["type"] == "row" && y(p) > top)
+        .map(y)
+        .min()
+        .unwrap_or(u64::MAX);
+    let mut bus: Vec<serde_json::Value> = row["panels"].as_array().cloned().unwrap_or_default();
+    panels.retain(|p| {
+        let inside = p["type"] != "row" && y(p) > top && y(p) < bottom;
+        if inside {
+            bus.push(p.clone());
+        }
+        let is_bus_row = p["type"] == "row" && p["title"] == BUS_ROW;
+        !(inside || is_bus_row)
+    });
+    (rest, bus)
+}
+
 #[test]
 fn dashboard_queries_only_metrics_the_server_exports() {
     let text = read(root().join("tuning/grafana-dashboard.json"));
@@ -513,19 +576,11 @@ fn dashboard_queries_only_metrics_the_server_exports() {
             .as_array()
             .is_some_and(|p| !p.is_empty())
     );
+    // The bus row's panels are checked against a server on RabbitMQ (the next test).
+    let (rest, _bus) = split_bus_row(&dashboard);
     let mut queries = Vec::new();
-    exprs(&dashboard, &mut queries);
-    // A histogram family `x` is queried through its `x_bucket`, `x_sum` and `x_count` series.
-    let used: BTreeSet<String> = queries
-        .iter()
-        .flat_map(|q| metric_names(q))
-        .map(|n| {
-            ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| n.strip_suffix(suffix))
-                .map_or(n.clone(), str::to_string)
-        })
-        .collect();
+    exprs(&rest, &mut queries);
+    let used = families_queried(&queries);
     assert!(
         !used.is_empty(),
         "the dashboard queries no chatflow_ metric"
@@ -534,12 +589,7 @@ fn dashboard_queries_only_metrics_the_server_exports() {
     let server = Server::start();
     let started = Instant::now();
     let body = server.get("/metrics");
-    let families: BTreeSet<String> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
+    let families = families_in(&body);
     assert!(families.len() > 10, "too few families in /metrics:\n{body}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
@@ -549,9 +599,81 @@ fn dashboard_queries_only_metrics_the_server_exports() {
         "the dashboard queries metrics the server does not export: {unknown:?}\n\
          exported: {families:?}"
     );
-    let ungraphed: Vec<_> = families.difference(&used).collect();
+    // A family may be graphed in any row (a counter that only a broker bus moves, in the bus
+    // row).
+    let mut all_queries = Vec::new();
+    exprs(&dashboard, &mut all_queries);
+    let graphed = families_queried(&all_queries);
+    let ungraphed: Vec<_> = families.difference(&graphed).collect();
     assert!(
         ungraphed.is_empty(),
         "metric families with no panel in tuning/grafana-dashboard.json: {ungraphed:?}"
+    );
+}
+
+#[test]
+fn dashboard_bus_row_queries_only_metrics_a_server_on_rabbitmq_exports() {
+    let text = read(root().join("tuning/grafana-dashboard.json"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).expect("tuning/grafana-dashboard.json is valid JSON");
+    let (_rest, bus) = split_bus_row(&dashboard);
+    assert!(
+        bus.len() >= 2,
+        "the dashboard has no \"{BUS_ROW}\" row with panels"
+    );
+    let mut queries = Vec::new();
+    bus.iter().for_each(|p| exprs(p, &mut queries));
+    let used = families_queried(&queries);
+
+    // The namespace is declared before the server, so the server is gone before its exchanges
+    // and queues are deleted (and the shared broker lock released).
+    util::broker::require_broker();
+    let ns = util::broker::Namespace::locked("ops");
+    let url = util::broker::amqp_url();
+    let log =
+        std::env::temp_dir().join(format!("chatflow-ops-{}.log", util::broker::unique("amqp")));
+    let (child, addr) = util::serve::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--reactors",
+            "1",
+            "--node-id",
+            "ops-amqp",
+            "--store",
+            "memory",
+            "--bus",
+            &url,
+        ],
+        &[("CHATFLOW_AMQP_NAMESPACE", ns.prefix.as_str())],
+        &log,
+        Duration::from_secs(60),
+        "chatflow serve --bus amqp://",
+    );
+    let server = Server { child, addr };
+    let body = server.get("/metrics");
+    drop(server);
+    let _ = std::fs::remove_file(&log);
+    let families = families_in(&body);
+    let amqp: BTreeSet<String> = families
+        .iter()
+        .filter(|f| f.starts_with("chatflow_amqp_"))
+        .cloned()
+        .collect();
+    assert!(
+        !amqp.is_empty(),
+        "a server on --bus amqp:// exports no chatflow_amqp_ family:\n{body}"
+    );
+
+    let unknown: Vec<_> = used.difference(&families).collect();
+    assert!(
+        unknown.is_empty(),
+        "the \"{BUS_ROW}\" row queries metrics a server on RabbitMQ does not export: \
+         {unknown:?}\nexported: {families:?}"
+    );
+    let ungraphed: Vec<_> = amqp.difference(&used).collect();
+    assert!(
+        ungraphed.is_empty(),
+        "chatflow_amqp_ families with no panel in the \"{BUS_ROW}\" row: {ungraphed:?}"
     );
 }
