@@ -150,10 +150,7 @@ fn migrate(store: Option<String>, file: Option<&std::path::Path>) -> anyhow::Res
     let shown = chatflow::store::redact(&config.store);
     let opened = chatflow::store::open(&config.store, &config.store_options())
         .with_context(|| format!("migrating {shown}"))?;
-    println!(
-        "{shown}: schema is at version {}",
-        chatflow::store::SCHEMA_VERSION
-    );
+    println!("{shown}: schema is at version {}", opened.schema_version());
     drop(opened);
     Ok(())
 }

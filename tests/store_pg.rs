@@ -78,10 +78,10 @@ fn migrating_twice_and_from_two_nodes_at_once_gives_one_schema() {
     let store = open(&db);
     store.migrate().expect("migrating again is a no-op");
 
-    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 2);
     assert_eq!(
         count(&db, "SELECT max(version)::bigint FROM schema_version"),
-        1
+        store.schema_version()
     );
     let mut w = store.writer().expect("writer");
     assert_eq!(w.write(&[record(1, "r", 1, "hi", 0)]), Ok(1));
@@ -188,18 +188,24 @@ fn a_message_id_repeated_within_and_across_batches_is_stored_and_counted_once() 
 /// Every rollup table of `db`, as text, in key order.
 fn rollups(db: &TestDb) -> Vec<String> {
     let mut client = db.client();
-    ["room_minute", "user_minute", "type_minute", "user_rooms"]
-        .iter()
-        .map(|table| {
-            client
-                .query_one(
-                    &format!("SELECT string_agg(t::text, ' ' ORDER BY t::text) FROM {table} t"),
-                    &[],
-                )
-                .expect("rollup query runs")
-                .get(0)
-        })
-        .collect()
+    [
+        "room_minute",
+        "user_minute",
+        "type_minute",
+        "user_rooms",
+        "active_minute",
+    ]
+    .iter()
+    .map(|table| {
+        client
+            .query_one(
+                &format!("SELECT string_agg(t::text, ' ' ORDER BY t::text) FROM {table} t"),
+                &[],
+            )
+            .expect("rollup query runs")
+            .get(0)
+    })
+    .collect()
 }
 
 #[test]
@@ -237,6 +243,88 @@ fn fresh_batches_and_batches_with_stored_ids_give_the_same_rollups() {
     assert_eq!(w.write(&repeated), Ok(60));
 
     assert_eq!(rollups(&direct), rollups(&staged));
+}
+
+/// Distinct users in `[start, end)` seconds, by the store.
+fn active(store: &PgStore, start: i64, end: i64) -> i64 {
+    let mut r = store.reader().expect("reader");
+    r.active_users(Window {
+        start: at(start),
+        end: at(end),
+    })
+    .expect("active users")
+}
+
+/// Users 1..=100000 are counted from the per-minute bitmaps; ids outside them (possible only
+/// through a hand-written broker envelope) are counted too, once, and never make `get_bit`
+/// fail. Windows: whole minutes only, partial edges only, both.
+#[test]
+fn active_users_are_exact_for_ids_inside_and_outside_the_bitmaps() {
+    let db = TestDb::new("bitmap");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    // Minute 0: users 1, 100000, -5, 200000; minute 1: users 1, 7, 200000; minute 2: user 9
+    // at second 150.
+    let rows = [
+        (1, 1, 10),
+        (2, 100_000, 20),
+        (3, -5, 30),
+        (4, 200_000, 40),
+        (5, 1, 70),
+        (6, 7, 80),
+        (7, 200_000, 90),
+        (8, 9, 150),
+    ];
+    let batch: Vec<Record> = rows
+        .iter()
+        .map(|&(id, user, secs)| record(id, "r", user, "m", secs))
+        .collect();
+    assert_eq!(w.write(&batch), Ok(8));
+    // Whole minutes 0 and 1.
+    assert_eq!(active(&store, 0, 120), 5);
+    // Partial: seconds 15..75 (users 100000, -5, 200000, 1).
+    assert_eq!(active(&store, 15, 75), 4);
+    // Whole minute 1 (1, 7, 200000), partial edges 35..60 (200000) and 120..151 (9).
+    assert_eq!(active(&store, 35, 151), 4);
+    // Nothing there.
+    assert_eq!(active(&store, 200, 400), 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM active_minute"),
+        3,
+        "one bitmap per minute with users in range"
+    );
+}
+
+/// Upgrading a version-1 database fills the bitmaps from `user_minute`, so active users
+/// over data written before the upgrade are still right.
+#[test]
+fn migrating_to_version_2_fills_the_bitmaps_from_existing_data() {
+    let db = TestDb::new("v1to2");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    let batch: Vec<Record> = (0..300u128)
+        .map(|i| record(i + 1, "r", (i * 37 % 101) as i32 + 1, "m", (i as i64) * 2))
+        .collect();
+    assert_eq!(w.write(&batch), Ok(300));
+    drop(w);
+    let before = [active(&store, 0, 600), active(&store, 60, 480)];
+    // Back to version 1: what an older ChatFlow left.
+    db.client()
+        .batch_execute(
+            "DROP TABLE active_minute; DROP INDEX user_minute_stray;
+             DROP INDEX messages_ts_brin;
+             CREATE INDEX messages_ts_brin ON messages USING brin (server_ts);
+             DELETE FROM schema_version WHERE version = 2;",
+        )
+        .expect("downgrade");
+    let store = open(&db);
+    assert_eq!(
+        count(&db, "SELECT max(version)::bigint FROM schema_version"),
+        2
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM active_minute"), 10);
+    assert_eq!([active(&store, 0, 600), active(&store, 60, 480)], before);
+    assert_eq!(before[0], 101, "every user of the data");
 }
 
 #[test]

@@ -23,9 +23,6 @@ use uuid::Uuid;
 
 use crate::protocol::MessageType;
 
-/// The schema version this build creates and expects (every backend's migrations end here).
-pub const SCHEMA_VERSION: i32 = 1;
-
 /// One stored chat message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -152,6 +149,11 @@ pub trait Store: Send + Sync {
     /// Creates or upgrades the schema to the current version. Idempotent; safe to run from
     /// several nodes at once.
     fn migrate(&self) -> Result<(), StoreError>;
+
+    /// The schema version [`Store::migrate`] brings the store to (0: the store has none).
+    fn schema_version(&self) -> i64 {
+        0
+    }
 
     /// A writer for one writer thread.
     fn writer(&self) -> Result<Box<dyn StoreWriter>, StoreError>;

@@ -61,12 +61,22 @@ const WRITER_SESSION: &str = "SET statement_timeout = '60s'; RESET plan_cache_mo
 /// The key of the advisory lock that serialises migrations: "chatflow" in ASCII.
 const MIGRATION_LOCK: i64 = 0x6368_6174_666c_6f77;
 
+/// The schema version this build creates and expects.
+pub const SCHEMA_VERSION: i32 = 2;
+
 /// The schema, one entry per version, applied in order. Never edit a released entry: add one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 const _: () = assert!(
-    MIGRATIONS[MIGRATIONS.len() - 1].0 == super::SCHEMA_VERSION,
+    MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION,
     "the last migration must be SCHEMA_VERSION"
 );
+
+/// Users `0..BITMAP_USERS` have a bit in `active_minute` (PROTOCOL's user ids are
+/// 1..=100000; the width is a whole number of bytes). Rows with other ids, which only a
+/// broker envelope written by hand could bring, are found through `user_minute_stray`.
+const BITMAP_USERS: i32 = 100_008;
+/// Bytes of one bitmap.
+const BITMAP_BYTES: usize = BITMAP_USERS as usize / 8;
 
 /// Version 1. `messages` has the indexes the history queries use: room + time, user + time,
 /// and BRIN on time (rows arrive roughly in time order, so a few block ranges cover a minute
@@ -130,6 +140,37 @@ CREATE TABLE dead_letters (
     reason       text NOT NULL,
     failed_at    timestamptz NOT NULL DEFAULT now()
 );
+";
+
+/// Version 2: active users without reading a row per user.
+///
+/// - `active_minute`: one bitmap per minute, bit *u* set when user *u* sent a message in
+///   that minute. Counting the distinct users of a window ORs the bitmaps of its whole
+///   minutes (12.5 KB each) instead of reading a `user_minute` row per user and minute.
+///   Writers OR a batch's bits in, in the batch's transaction; the migration fills it from
+///   `user_minute`.
+/// - `user_minute_stray`: the (normally empty) rows of users outside the bitmap.
+/// - The BRIN index on `server_ts` is rebuilt with 16 pages per range instead of 128, so a
+///   partial minute at a window's edge reads an eighth of the blocks.
+const SCHEMA_V2: &str = "
+CREATE TABLE active_minute (
+    minute timestamptz PRIMARY KEY,
+    users  bit(100008) NOT NULL
+);
+CREATE INDEX user_minute_stray ON user_minute (minute)
+    WHERE user_id < 0 OR user_id >= 100008;
+DROP INDEX messages_ts_brin;
+CREATE INDEX messages_ts_brin ON messages USING brin (server_ts) WITH (pages_per_range = 16);
+";
+
+/// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
+/// into `active_minute`, minutes in order (the lock order every writer follows).
+const ADD_ACTIVE: &str = "
+INSERT INTO active_minute AS a (minute, users)
+SELECT minute, ('x' || encode(bits, 'hex'))::bit(100008)
+FROM unnest($1::timestamptz[], $2::bytea[]) AS t(minute, bits)
+ORDER BY minute
+ON CONFLICT (minute) DO UPDATE SET users = a.users | EXCLUDED.users
 ";
 
 const COPY_MESSAGES: &str = "COPY messages (message_id, room_id, user_id, username, message, \
@@ -222,7 +263,7 @@ WITH batch AS (
         last_ts = greatest(ur.last_ts, EXCLUDED.last_ts),
         messages = ur.messages + EXCLUDED.messages
 )
-SELECT count(*) FROM inserted
+SELECT minute, user_id, count(*) FROM inserted GROUP BY minute, user_id
 "#;
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (message_id, room_id, user_id, \
@@ -254,16 +295,31 @@ const USER_LAST: &str = "SELECT message_id, room_id, user_id, username, message,
 const USER_ROOMS: &str = r#"SELECT room_id, first_ts, last_ts, messages FROM user_rooms
      WHERE user_id = $1 ORDER BY last_ts DESC, room_id COLLATE "C""#;
 
-/// Distinct users: whole minutes from `user_minute` ($3..$4), the partial minutes at the two
-/// edges ($1..$5 and $6..$2) from `messages` through the BRIN index. An edge that is not
-/// needed is passed as an empty range, which costs one look at the (tiny) BRIN index.
-const ACTIVE_USERS: &str = "SELECT count(*) FROM (
-    SELECT user_id FROM user_minute WHERE minute >= $3 AND minute < $4
+/// Distinct users: the whole minutes ($3..$4) OR'ed from `active_minute` and counted, plus
+/// the users found only outside it: in the partial minutes at the two edges ($1..$5 and
+/// $6..$2, from `messages` through the BRIN index) or outside the bitmap's range. An edge
+/// that is not needed is passed as an empty range, and its guard (`$1 < $5`) lets the
+/// planner drop it instead of reading BRIN block ranges for nothing; the casts keep
+/// PostgreSQL from inferring `text` for the guard. `CASE` keeps `get_bit` from ever seeing
+/// an id outside the bitmap.
+const ACTIVE_USERS: &str = "
+WITH whole AS (
+    SELECT bit_or(users) AS bits FROM active_minute WHERE minute >= $3 AND minute < $4
+), others AS (
+    SELECT user_id FROM messages
+     WHERE $1::timestamptz < $5::timestamptz AND server_ts >= $1 AND server_ts < $5
     UNION
-    SELECT user_id FROM messages WHERE server_ts >= $1 AND server_ts < $5
+    SELECT user_id FROM messages
+     WHERE $6::timestamptz < $2::timestamptz AND server_ts >= $6 AND server_ts < $2
     UNION
-    SELECT user_id FROM messages WHERE server_ts >= $6 AND server_ts < $2
-) AS active";
+    SELECT user_id FROM user_minute
+     WHERE minute >= $3 AND minute < $4 AND (user_id < 0 OR user_id >= 100008)
+)
+SELECT coalesce(bit_count(bits), 0)
+     + (SELECT count(*) FROM others
+         WHERE CASE WHEN bits IS NULL OR user_id < 0 OR user_id >= 100008 THEN true
+                    ELSE get_bit(bits, user_id) = 0 END)
+FROM whole";
 
 /// Per-minute totals (`GROUPING(minute) = 0`) and per-type totals (`= 1`) in one pass.
 const TYPE_COUNTS: &str = "SELECT GROUPING(minute), minute, message_type, sum(messages)::bigint \
@@ -366,6 +422,10 @@ impl PgStore {
 }
 
 impl Store for PgStore {
+    fn schema_version(&self) -> i64 {
+        i64::from(SCHEMA_VERSION)
+    }
+
     fn kind(&self) -> &'static str {
         "postgres"
     }
@@ -416,7 +476,7 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
     let current: i32 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])?
         .try_get(0)?;
-    let latest = super::SCHEMA_VERSION;
+    let latest = SCHEMA_VERSION;
     if current > latest {
         // A newer ChatFlow migrated this database; migrations only ever add, so this version
         // keeps working during a rolling upgrade.
@@ -425,12 +485,75 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
     for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         log::info!("applying schema version {version}");
         tx.batch_execute(sql)?;
+        if version == 2 {
+            fill_active_minutes(&mut tx)?;
+        }
         tx.execute(
             "INSERT INTO schema_version (version) VALUES ($1)",
             &[&version],
         )?;
     }
     tx.commit()
+}
+
+/// Fills `active_minute` from `user_minute` (the data written before version 2), one minute
+/// at a time so memory stays at one minute's users.
+fn fill_active_minutes(tx: &mut ::postgres::Transaction<'_>) -> Result<(), ::postgres::Error> {
+    let minutes: Vec<OffsetDateTime> = tx
+        .query(
+            "SELECT DISTINCT minute FROM type_minute ORDER BY minute",
+            &[],
+        )?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if minutes.is_empty() {
+        return Ok(());
+    }
+    let users = tx.prepare("SELECT user_id FROM user_minute WHERE minute = $1")?;
+    let add = tx.prepare(ADD_ACTIVE)?;
+    for minute in &minutes {
+        let mut pairs = Vec::new();
+        for row in tx.query(&users, &[minute])? {
+            pairs.push((*minute, row.try_get::<_, i32>(0)?));
+        }
+        add_active(tx, &add, pairs.into_iter())?;
+    }
+    log::info!("filled active_minute for {} minutes", minutes.len());
+    Ok(())
+}
+
+/// One bitmap per minute of the users in `pairs`, minutes in order (see [`ADD_ACTIVE`]).
+fn active_bitmaps(
+    pairs: impl Iterator<Item = (OffsetDateTime, i32)>,
+) -> (Vec<OffsetDateTime>, Vec<Vec<u8>>) {
+    let mut by_minute: BTreeMap<OffsetDateTime, Vec<u8>> = BTreeMap::new();
+    for (minute, user) in pairs {
+        let Ok(u) = usize::try_from(user) else {
+            continue;
+        };
+        if user >= BITMAP_USERS {
+            continue;
+        }
+        let bits = by_minute
+            .entry(minute)
+            .or_insert_with(|| vec![0u8; BITMAP_BYTES]);
+        bits[u / 8] |= 0x80 >> (u % 8);
+    }
+    by_minute.into_iter().unzip()
+}
+
+/// ORs the users of `pairs` into `active_minute`.
+fn add_active(
+    tx: &mut ::postgres::Transaction<'_>,
+    add: &Statement,
+    pairs: impl Iterator<Item = (OffsetDateTime, i32)>,
+) -> Result<(), ::postgres::Error> {
+    let (minutes, bits) = active_bitmaps(pairs);
+    if !minutes.is_empty() {
+        tx.execute(add, &[&minutes, &bits])?;
+    }
+    Ok(())
 }
 
 /// Logs the pool's own errors (a failed connect, a dead connection found at checkout) with
@@ -602,6 +725,8 @@ struct WriterSession {
     add_rollups: Statement,
     /// [`INSERT_FROM_STAGING`], prepared.
     insert_from_staging: Statement,
+    /// [`ADD_ACTIVE`], prepared.
+    add_active: Statement,
 }
 
 impl WriterSession {
@@ -609,18 +734,20 @@ impl WriterSession {
         let mut conn = checkout(pool, url).map_err(|e| match e {
             StoreError::Unavailable(why) | StoreError::Refused(why) => Failure::Unavailable(why),
         })?;
-        let setup = |conn: &mut Conn| -> Result<(Statement, Statement), ::postgres::Error> {
+        let setup = |conn: &mut Conn| -> Result<[Statement; 3], ::postgres::Error> {
             set_role(conn, Role::Writer)?;
-            Ok((
+            Ok([
                 conn.prepare(ADD_ROLLUPS)?,
                 conn.prepare(INSERT_FROM_STAGING)?,
-            ))
+                conn.prepare(ADD_ACTIVE)?,
+            ])
         };
         match setup(&mut conn) {
-            Ok((add_rollups, insert_from_staging)) => Ok(WriterSession {
+            Ok([add_rollups, insert_from_staging, add_active]) => Ok(WriterSession {
                 conn,
                 add_rollups,
                 insert_from_staging,
+                add_active,
             }),
             // Whatever the SQLSTATE, it is not about a batch's rows.
             Err(e) => match classify("preparing a writer connection", &e) {
@@ -666,6 +793,7 @@ impl WriterSession {
         }
         copy.finish()?;
         counts.apply(&mut tx, &self.add_rollups)?;
+        add_active(&mut tx, &self.add_active, counts.users.keys().copied())?;
         tx.commit()?;
         Ok(rows.len())
     }
@@ -678,7 +806,14 @@ impl WriterSession {
             copy_record(&mut copy, r)?;
         }
         copy.finish()?;
-        let inserted: i64 = tx.query_one(&self.insert_from_staging, &[])?.try_get(0)?;
+        // (minute, user, rows) of what was new: the active users of the batch, and its count.
+        let mut inserted = 0i64;
+        let mut pairs = Vec::new();
+        for row in tx.query(&self.insert_from_staging, &[])? {
+            pairs.push((row.try_get(0)?, row.try_get(1)?));
+            inserted += row.try_get::<_, i64>(2)?;
+        }
+        add_active(&mut tx, &self.add_active, pairs.into_iter())?;
         tx.commit()?;
         Ok(usize::try_from(inserted).unwrap_or(0))
     }

@@ -232,6 +232,10 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn schema_version(&self) -> i64 {
+        MIGRATIONS.len() as i64
+    }
+
     fn migrate(&self) -> Result<(), StoreError> {
         let mut conn = writer_connection(&self.path)?;
         let ctx = |e| classify("migrate", e);
