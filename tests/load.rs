@@ -1011,3 +1011,142 @@ fn server_metrics_are_read_to_their_length_without_waiting_for_the_close() {
         started.elapsed()
     );
 }
+
+// ---- several nodes ----------------------------------------------------------------------------
+
+/// A `chatflow serve` child process, killed when dropped.
+struct ServeProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl ServeProcess {
+    /// A node on a free port: one reactor, the memory store, acks after commit (so what it
+    /// acked is in its store when the run ends), the local bus (each node on its own).
+    fn start(node_id: &str) -> ServeProcess {
+        let log = std::env::temp_dir().join(format!(
+            "chatflow-load-{}-{node_id}.log",
+            std::process::id()
+        ));
+        let (child, addr) = util::serve::spawn(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--reactors",
+                "1",
+                "--store",
+                "memory",
+                "--ack-after",
+                "persisted",
+                "--node-id",
+                node_id,
+            ],
+            &[],
+            &log,
+            Duration::from_secs(20),
+            &format!("node {node_id}"),
+        );
+        let _ = std::fs::remove_file(&log);
+        ServeProcess { child, addr }
+    }
+
+    /// One sample of the node's `/metrics`.
+    fn metric(&self, sample: &str) -> u64 {
+        let reply = util::http(
+            self.addr,
+            "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        util::metric_in(&reply.body, sample)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_url_list_spreads_the_connections_over_every_node() {
+    let a = ServeProcess::start("load-a");
+    let b = ServeProcess::start("load-b");
+    let urls = format!("ws://{},ws://{}", a.addr, b.addr);
+    let args = LoadArgs::from_args([
+        "load",
+        "--url",
+        &urls,
+        "--no-progress",
+        "--messages",
+        "3000",
+        "--warmup-conns",
+        "4",
+        "--warmup-messages",
+        "100",
+        "--conns",
+        "8",
+        "--rooms",
+        "4",
+        "--inflight",
+        "4",
+        "--rtt-probe",
+        "20",
+    ])
+    .expect("flags");
+    let v = execute(&args).expect("the run completes").summary().clone();
+    assert_exact(&v, Some(3000));
+    assert_eq!(n(&v, "/acked"), 3000, "{v:#}");
+    assert_eq!(n(&v, "/failed"), 0, "{v:#}");
+    assert_eq!(n(&v, "/reconnections"), 0, "{v:#}");
+    assert_eq!(n(&v, "/retries"), 0, "{v:#}");
+    assert_eq!(v["url"], urls.as_str());
+
+    // The probe (1 connection) goes to the first URL; the warmup's 4 connections over 4
+    // rooms and the main phase's 8 over 4 rooms are dealt evenly, so every main-phase room
+    // has a member on each node.
+    let upgrades = |s: &ServeProcess| s.metric("chatflow_upgrades_total");
+    assert_eq!(upgrades(&a), 1 + 2 + 4, "node a");
+    assert_eq!(upgrades(&b), 2 + 4, "node b");
+
+    // Every ack came from one of the two nodes, and both acked a share of the run.
+    let acks = |s: &ServeProcess| s.metric("chatflow_acks_total");
+    let (acks_a, acks_b) = (acks(&a), acks(&b));
+    assert!(acks_a > 20 && acks_b > 0, "acks: a {acks_a}, b {acks_b}");
+    assert_eq!(acks_a + acks_b, 3000 + n(&v, "/phases/probe/acked"));
+
+    // /api/metrics was read from the first node: its store holds what it acked.
+    assert_eq!(v["server_metrics"]["available"], true, "{v:#}");
+    assert_eq!(
+        n(&v, "/server_metrics/body/analytics/totalMessages"),
+        acks_a,
+        "{v:#}"
+    );
+}
+
+#[test]
+fn an_empty_or_malformed_url_in_the_list_is_refused_before_connecting() {
+    for (list, why) in [
+        ("ws://127.0.0.1:1,", "is empty"),
+        ("ws://127.0.0.1:1,,ws://127.0.0.1:2", "is empty"),
+        ("ws://127.0.0.1:1,wss://127.0.0.1:2", "TLS"),
+        ("ws://127.0.0.1:1,ws://127.0.0.1:port", "entry 2 of 2"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatflow"))
+            .args([
+                "load",
+                "--url",
+                list,
+                "--messages",
+                "100",
+                "--warmup-conns",
+                "0",
+            ])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{list}: {stderr}");
+        assert!(stderr.contains(why), "{list}: {stderr}");
+        assert!(!stderr.contains("could not connect"), "{list}: {stderr}");
+    }
+}

@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser as _;
 
 use stats::PhaseStats;
-use worker::{PhaseShared, PhaseSpec, RecordChunk, RunClock, Worker};
+use worker::{PhaseShared, PhaseSpec, RecordChunk, RunClock, Target, Worker};
 use workload::{GeneratorPlan, Mix, Routes};
 
 pub use report::Report;
@@ -35,7 +35,10 @@ pub use report::Report;
 /// `chatflow load`: flags of the load tester (docs/load-testing.md describes each).
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Server to load: ws://HOST:PORT (rooms are at /chat/{roomId} under it).
+    /// Server to load: ws://HOST:PORT (rooms are at /chat/{roomId} under it), or a
+    /// comma-separated list of them (nodes of one deployment): connections are dealt
+    /// round-robin over the list, each room's members over different URLs; the round-trip
+    /// probe and the /api/metrics fetch use the first URL.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub url: String,
     /// Messages in all, warmup included; the run ends when each is acked or has failed.
@@ -280,10 +283,12 @@ struct PhasePlan {
     total: Option<u64>,
 }
 
-/// The validated run: address, phases, seed.
+/// The validated run: addresses, phases, seed.
 struct RunPlan {
+    /// The first URL's address and Host: the probe's server and where /api/metrics is read.
     addr: SocketAddr,
     host: String,
+    /// Every URL's base, comma-separated (the report's `url`).
     base_url: String,
     seed: u64,
     run_id: u32,
@@ -293,7 +298,13 @@ struct RunPlan {
 
 impl RunPlan {
     fn new(a: &LoadArgs) -> anyhow::Result<RunPlan> {
-        let (addr, host, base_url) = parse_url(&a.url)?;
+        let urls = parse_urls(&a.url)?;
+        let (addr, host) = (urls[0].0, urls[0].1.clone());
+        let base_url = urls
+            .iter()
+            .map(|(_, _, base)| base.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         ensure!(a.threads >= 1, "--threads must be at least 1");
         ensure!(a.rooms >= 1, "--rooms must be at least 1");
         ensure!(a.connect_batch >= 1, "--connect-batch must be at least 1");
@@ -408,6 +419,17 @@ impl RunPlan {
         let seed = a.seed.unwrap_or_else(|| fastrand::u64(..));
         let run_id = fastrand::u32(..);
 
+        // Every URL for the warmup and the main phase; the first alone for the probe.
+        let targets = |rooms: &[String], all: bool| -> Vec<Target> {
+            let n = if all { urls.len() } else { 1 };
+            urls[..n]
+                .iter()
+                .map(|(addr, _, base)| Target {
+                    addr: *addr,
+                    room_urls: rooms.iter().map(|r| format!("{base}/chat/{r}")).collect(),
+                })
+                .collect()
+        };
         let spec = |name: &'static str,
                     conns: usize,
                     senders: usize,
@@ -419,11 +441,7 @@ impl RunPlan {
                     idle_hold: Option<Duration>| {
             Arc::new(PhaseSpec {
                 name,
-                addr,
-                room_urls: rooms
-                    .iter()
-                    .map(|r| format!("{base_url}/chat/{r}"))
-                    .collect(),
+                targets: targets(&rooms, name != "probe"),
                 rooms: Arc::new(rooms),
                 conns,
                 senders,
@@ -504,6 +522,33 @@ impl RunPlan {
             phases,
         })
     }
+}
+
+/// `--url`: one URL, or several separated by commas, each as [`parse_url`] takes it. An empty
+/// entry (`a,,b`, a trailing comma) is an error, not skipped.
+fn parse_urls(list: &str) -> anyhow::Result<Vec<(SocketAddr, String, String)>> {
+    ensure!(
+        !list.trim().is_empty(),
+        "--url is empty; give ws://HOST:PORT, or several separated by commas"
+    );
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        ensure!(
+            !entry.is_empty(),
+            "--url {list}: entry {} of {} is empty; give ws://HOST:PORT URLs separated by commas",
+            i + 1,
+            entries.len()
+        );
+        let parsed = if entries.len() > 1 {
+            parse_url(entry)
+                .with_context(|| format!("--url entry {} of {}", i + 1, entries.len()))?
+        } else {
+            parse_url(entry)?
+        };
+        out.push(parsed);
+    }
+    Ok(out)
 }
 
 /// `ws://HOST:PORT[/prefix]` to (address, Host, base URL without a trailing slash).
@@ -987,6 +1032,108 @@ mod tests {
         assert!(parse_url("wss://127.0.0.1:9000").is_err());
         assert!(parse_url("ftp://x").is_err());
         assert!(parse_url("ws://127.0.0.1:9000/?x=1").is_err());
+    }
+
+    #[test]
+    fn a_url_list_is_split_on_commas_and_every_entry_checked() {
+        let urls = parse_urls("ws://127.0.0.1:9000, ws://127.0.0.1:9001/p/").expect("ok");
+        assert_eq!(urls.len(), 2);
+        assert_eq!(urls[0].2, "ws://127.0.0.1:9000");
+        assert_eq!(urls[1].0.port(), 9001);
+        assert_eq!(urls[1].2, "ws://127.0.0.1:9001/p");
+        assert_eq!(parse_urls("ws://127.0.0.1:9000").expect("ok").len(), 1);
+        assert!(format!("{:#}", parse_urls(" ").expect_err("blank")).contains("--url is empty"));
+        for bad in [
+            ",",
+            "ws://127.0.0.1:9000,",
+            "ws://127.0.0.1:9000,,ws://127.0.0.1:9001",
+            "ws://127.0.0.1:9000, ",
+        ] {
+            let e = parse_urls(bad).expect_err(bad);
+            assert!(format!("{e:#}").contains("is empty"), "{bad}: {e:#}");
+        }
+        for bad in [
+            "ws://127.0.0.1:9000,wss://127.0.0.1:9001",
+            "ws://127.0.0.1:9000,ftp://x",
+            "ws://127.0.0.1:9000,ws://127.0.0.1:notaport",
+            "ws://127.0.0.1:9000,ws:///chat",
+        ] {
+            let e = format!("{:#}", parse_urls(bad).expect_err(bad));
+            assert!(e.contains("entry 2 of 2"), "{bad}: {e}");
+        }
+        let plan = |url: &str| {
+            let a = LoadArgs::from_args(["load", "--url", url]).expect("parses");
+            RunPlan::new(&a)
+        };
+        let p = plan("ws://127.0.0.1:9000,ws://127.0.0.1:9001").expect("valid");
+        assert_eq!(p.base_url, "ws://127.0.0.1:9000,ws://127.0.0.1:9001");
+        assert_eq!(p.addr.port(), 9000);
+        // The probe goes to the first URL only; the warmup and the main phase to both.
+        let ports = |i: usize| -> Vec<u16> {
+            p.phases[i]
+                .spec
+                .targets
+                .iter()
+                .map(|t| t.addr.port())
+                .collect()
+        };
+        assert_eq!(ports(0), [9000]);
+        assert_eq!(ports(1), [9000, 9001]);
+        assert_eq!(ports(2), [9000, 9001]);
+        assert_eq!(
+            p.phases[2].spec.targets[1].room_urls[0],
+            "ws://127.0.0.1:9001/chat/1"
+        );
+        assert!(plan("ws://127.0.0.1:9000,").is_err());
+    }
+
+    #[test]
+    fn connections_are_dealt_so_every_room_spans_the_targets_evenly() {
+        let spec_for = |flags: &[&str], urls: usize| {
+            let list: Vec<String> = (0..urls)
+                .map(|i| format!("ws://127.0.0.1:{}", 9000 + i))
+                .collect();
+            let list = list.join(",");
+            let mut v = vec!["load", "--url", list.as_str()];
+            v.extend_from_slice(flags);
+            let a = LoadArgs::from_args(v).expect("parses");
+            let plan = RunPlan::new(&a).expect("valid");
+            plan.phases.last().expect("main").spec.clone()
+        };
+        for (flags, urls) in [
+            (&["--conns", "64", "--rooms", "20"][..], 2),
+            (&["--conns", "64", "--rooms", "20"][..], 3),
+            (
+                &["--conns", "200", "--rooms", "200", "--warmup-conns", "0"][..],
+                3,
+            ),
+            (&["--conns", "7", "--rooms", "7"][..], 2),
+            (&["--fanout", "11", "--senders", "3"][..], 3),
+        ] {
+            let spec = spec_for(flags, urls);
+            let mut per_target = vec![0usize; urls];
+            let mut per_room: Vec<std::collections::BTreeSet<usize>> =
+                vec![Default::default(); spec.rooms.len()];
+            let mut members = vec![0usize; spec.rooms.len()];
+            for g in 0..spec.conns {
+                let t = spec.target_of(g);
+                per_target[t] += 1;
+                let r = spec.room_of(g) as usize;
+                per_room[r].insert(t);
+                members[r] += 1;
+            }
+            let (lo, hi) = (per_target.iter().min(), per_target.iter().max());
+            assert!(
+                hi.zip(lo).is_some_and(|(h, l)| h - l <= 1),
+                "{flags:?}: {per_target:?}"
+            );
+            for (r, targets) in per_room.iter().enumerate() {
+                assert_eq!(targets.len(), members[r].min(urls), "{flags:?} room {r}");
+            }
+        }
+        // One URL: everything on it.
+        let spec = spec_for(&[], 1);
+        assert!((0..spec.conns).all(|g| spec.target_of(g) == 0));
     }
 
     #[test]

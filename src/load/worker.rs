@@ -64,9 +64,8 @@ impl RunClock {
 /// Everything a load thread needs to know about the phase it runs.
 pub(crate) struct PhaseSpec {
     pub name: &'static str,
-    pub addr: SocketAddr,
-    /// `ws://host:port[/prefix]/chat/{room}` for each room index.
-    pub room_urls: Vec<String>,
+    /// The servers of `--url`; connections are dealt over them (see [`PhaseSpec::target_of`]).
+    pub targets: Vec<Target>,
     /// Room ids by index.
     pub rooms: Arc<Vec<String>>,
     pub conns: usize,
@@ -96,6 +95,13 @@ pub(crate) struct PhaseSpec {
     pub run_id: u32,
 }
 
+/// One server of the `--url` list.
+pub(crate) struct Target {
+    pub addr: SocketAddr,
+    /// `ws://host:port[/prefix]/chat/{room}` for each room index.
+    pub room_urls: Vec<String>,
+}
+
 impl PhaseSpec {
     /// Room index of connection `global`.
     pub(crate) fn room_of(&self, global: usize) -> u32 {
@@ -104,6 +110,22 @@ impl PhaseSpec {
         } else {
             (global % self.rooms.len().max(1)) as u32
         }
+    }
+
+    /// Target index of connection `global`. The members of each room are dealt round-robin
+    /// over the targets, each room starting one target further than the one before, so a
+    /// room's members land on different servers and every server gets an even share.
+    pub(crate) fn target_of(&self, global: usize) -> usize {
+        let n = self.targets.len();
+        if n <= 1 {
+            return 0;
+        }
+        let rooms = if self.fanout {
+            1
+        } else {
+            self.rooms.len().max(1)
+        };
+        (global / rooms + self.room_of(global) as usize) % n
     }
 }
 
@@ -248,6 +270,8 @@ struct Pending {
 struct Conn {
     global: usize,
     room: u32,
+    /// Index of its server in `PhaseSpec::targets`.
+    target: usize,
     sender: bool,
     state: ConnState,
     /// Sent and unanswered, oldest first; answers come in send order.
@@ -401,6 +425,7 @@ impl Worker {
             conns.push(Conn {
                 global,
                 room,
+                target: spec.target_of(global),
                 sender,
                 state: ConnState::Idle,
                 outstanding: VecDeque::new(),
@@ -1186,7 +1211,8 @@ impl Worker {
             self.connecting += 1;
             self.conns[ci].attempt_started = Instant::now();
             let source = self.source_ip(self.conns[ci].global);
-            match sys::start_connect(self.spec.addr, source) {
+            let addr = self.spec.targets[self.conns[ci].target].addr;
+            match sys::start_connect(addr, source) {
                 Ok(mut stream) => {
                     match self.poll.registry().register(
                         &mut stream,
@@ -1371,7 +1397,8 @@ impl Worker {
                 }
                 match stream.peer_addr() {
                     Ok(_) => {
-                        let url = &self.spec.room_urls[self.conns[ci].room as usize];
+                        let c = &self.conns[ci];
+                        let url = &self.spec.targets[c.target].room_urls[c.room as usize];
                         let r = tungstenite::client::client_with_config(
                             url.as_str(),
                             Sock {
