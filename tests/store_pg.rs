@@ -78,7 +78,7 @@ fn migrating_twice_and_from_two_nodes_at_once_gives_one_schema() {
     let store = open(&db);
     store.migrate().expect("migrating again is a no-op");
 
-    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 3);
     assert_eq!(
         count(&db, "SELECT max(version)::bigint FROM schema_version"),
         store.schema_version()
@@ -295,10 +295,10 @@ fn active_users_are_exact_for_ids_inside_and_outside_the_bitmaps() {
     );
 }
 
-/// Upgrading a version-1 database fills the bitmaps from `user_minute`, so active users
-/// over data written before the upgrade are still right.
+/// Upgrading a version-1 database fills the minute and hour bitmaps from `user_minute`, so
+/// active users over data written before the upgrade are still right.
 #[test]
-fn migrating_to_version_2_fills_the_bitmaps_from_existing_data() {
+fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
     let db = TestDb::new("v1to2");
     let store = open(&db);
     let mut w = store.writer().expect("writer");
@@ -311,20 +311,85 @@ fn migrating_to_version_2_fills_the_bitmaps_from_existing_data() {
     // Back to version 1: what an older ChatFlow left.
     db.client()
         .batch_execute(
-            "DROP TABLE active_minute; DROP INDEX user_minute_stray;
+            "DROP TABLE active_hour; DROP TABLE active_minute; DROP INDEX user_minute_stray;
              DROP INDEX messages_ts_brin;
              CREATE INDEX messages_ts_brin ON messages USING brin (server_ts);
-             DELETE FROM schema_version WHERE version = 2;",
+             DELETE FROM schema_version WHERE version >= 2;",
         )
         .expect("downgrade");
     let store = open(&db);
     assert_eq!(
         count(&db, "SELECT max(version)::bigint FROM schema_version"),
-        2
+        store.schema_version()
     );
     assert_eq!(count(&db, "SELECT count(*) FROM active_minute"), 10);
+    assert_eq!(count(&db, "SELECT count(*) FROM active_hour"), 1);
     assert_eq!([active(&store, 0, 600), active(&store, 60, 480)], before);
     assert_eq!(before[0], 101, "every user of the data");
+}
+
+/// Windows over three hours, cut anywhere (whole hours, whole minutes around them, partial
+/// minutes at the edges, or none of these), against a count of the rows themselves; half
+/// the rows come in a second batch, through staging, with repeats of the first.
+#[test]
+fn active_users_over_hours_equal_a_count_of_the_rows() {
+    let db = TestDb::new("hours");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    let mut seed = 0x2545_f491_u64;
+    let mut next = move |n: u64| {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (seed >> 33) % n
+    };
+    let rows: Vec<(i32, i64)> = (0..3000)
+        .map(|_| (next(400) as i32 + 1, next(3 * 3600) as i64 - 600))
+        .collect();
+    let batch = |range: std::ops::Range<usize>| -> Vec<Record> {
+        range
+            .map(|i| record(i as u128 + 1, "r", rows[i].0, "m", rows[i].1))
+            .collect()
+    };
+    assert_eq!(w.write(&batch(0..1500)), Ok(1500));
+    // Repeats the last 100 of the first batch: the staging path.
+    assert_eq!(w.write(&batch(1400..3000)), Ok(1500));
+    let expected = |start: i64, end: i64| {
+        let mut users: Vec<i32> = rows
+            .iter()
+            .filter(|(_, t)| *t >= start && *t < end)
+            .map(|(u, _)| *u)
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users.len() as i64
+    };
+    let windows = [
+        (-600, 3 * 3600),
+        (0, 3600),
+        (0, 7200),
+        (1, 7199),
+        (59, 3661),
+        (3599, 7201),
+        (1800, 9000),
+        (3600, 3660),
+        (3630, 3650),
+        (-1000, -500),
+    ];
+    for (start, end) in windows {
+        assert_eq!(
+            active(&store, start, end),
+            expected(start, end),
+            "window {start}..{end}"
+        );
+    }
+    for _ in 0..30 {
+        let start = next(4 * 3600) as i64 - 1200;
+        let end = start + next(3 * 3600) as i64 + 1;
+        assert_eq!(
+            active(&store, start, end),
+            expected(start, end),
+            "window {start}..{end}"
+        );
+    }
 }
 
 #[test]

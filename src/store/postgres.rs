@@ -62,10 +62,10 @@ const WRITER_SESSION: &str = "SET statement_timeout = '60s'; RESET plan_cache_mo
 const MIGRATION_LOCK: i64 = 0x6368_6174_666c_6f77;
 
 /// The schema version this build creates and expects.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The schema, one entry per version, applied in order. Never edit a released entry: add one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 const _: () = assert!(
     MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION,
     "the last migration must be SCHEMA_VERSION"
@@ -163,14 +163,40 @@ DROP INDEX messages_ts_brin;
 CREATE INDEX messages_ts_brin ON messages USING brin (server_ts) WITH (pages_per_range = 16);
 ";
 
-/// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
-/// into `active_minute`, minutes in order (the lock order every writer follows).
-const ADD_ACTIVE: &str = "
-INSERT INTO active_minute AS a (minute, users)
+/// Version 2's filling of `active_minute` from existing data (version 3 then fills
+/// `active_hour` from it, in SQL).
+const FILL_ACTIVE_MINUTE: &str = "
+INSERT INTO active_minute (minute, users)
 SELECT minute, ('x' || encode(bits, 'hex'))::bit(100008)
 FROM unnest($1::timestamptz[], $2::bytea[]) AS t(minute, bits)
-ORDER BY minute
-ON CONFLICT (minute) DO UPDATE SET users = a.users | EXCLUDED.users
+";
+
+/// Version 3: the same bitmaps per hour, so a day ORs 24 of them (plus the minutes of the
+/// partial hours at its edges) instead of 1,440. Filled from `active_minute`.
+const SCHEMA_V3: &str = "
+CREATE TABLE active_hour (
+    hour  timestamptz PRIMARY KEY,
+    users bit(100008) NOT NULL
+);
+INSERT INTO active_hour (hour, users)
+SELECT date_trunc('hour', minute, 'UTC'), bit_or(users) FROM active_minute GROUP BY 1;
+";
+
+/// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
+/// into `active_minute` and `active_hour`, in time order (the lock order every writer
+/// follows: minutes, then hours).
+const ADD_ACTIVE: &str = "
+WITH batch AS (
+    SELECT minute, ('x' || encode(bits, 'hex'))::bit(100008) AS users
+    FROM unnest($1::timestamptz[], $2::bytea[]) AS t(minute, bits)
+), by_minute AS (
+    INSERT INTO active_minute AS a (minute, users)
+    SELECT minute, users FROM batch ORDER BY minute
+    ON CONFLICT (minute) DO UPDATE SET users = a.users | EXCLUDED.users
+)
+INSERT INTO active_hour AS h (hour, users)
+SELECT date_trunc('hour', minute, 'UTC'), bit_or(users) FROM batch GROUP BY 1 ORDER BY 1
+ON CONFLICT (hour) DO UPDATE SET users = h.users | EXCLUDED.users
 ";
 
 const COPY_MESSAGES: &str = "COPY messages (message_id, room_id, user_id, username, message, \
@@ -295,7 +321,8 @@ const USER_LAST: &str = "SELECT message_id, room_id, user_id, username, message,
 const USER_ROOMS: &str = r#"SELECT room_id, first_ts, last_ts, messages FROM user_rooms
      WHERE user_id = $1 ORDER BY last_ts DESC, room_id COLLATE "C""#;
 
-/// Distinct users: the whole minutes ($3..$4) OR'ed from `active_minute` and counted, plus
+/// Distinct users: the whole hours ($7..$8) from `active_hour` and the other whole minutes
+/// ($3..$7 and $8..$4) from `active_minute`, OR'ed and counted, plus
 /// the users found only outside it: in the partial minutes at the two edges ($1..$5 and
 /// $6..$2, from `messages` through the BRIN index) or outside the bitmap's range. An edge
 /// that is not needed is passed as an empty range, and its guard (`$1 < $5`) lets the
@@ -304,7 +331,13 @@ const USER_ROOMS: &str = r#"SELECT room_id, first_ts, last_ts, messages FROM use
 /// an id outside the bitmap.
 const ACTIVE_USERS: &str = "
 WITH whole AS (
-    SELECT bit_or(users) AS bits FROM active_minute WHERE minute >= $3 AND minute < $4
+    SELECT bit_or(users) AS bits FROM (
+        SELECT users FROM active_hour WHERE hour >= $7 AND hour < $8
+        UNION ALL
+        SELECT users FROM active_minute WHERE minute >= $3 AND minute < $7
+        UNION ALL
+        SELECT users FROM active_minute WHERE minute >= $8 AND minute < $4
+    ) AS parts
 ), others AS (
     SELECT user_id FROM messages
      WHERE $1::timestamptz < $5::timestamptz AND server_ts >= $1 AND server_ts < $5
@@ -511,7 +544,7 @@ fn fill_active_minutes(tx: &mut ::postgres::Transaction<'_>) -> Result<(), ::pos
         return Ok(());
     }
     let users = tx.prepare("SELECT user_id FROM user_minute WHERE minute = $1")?;
-    let add = tx.prepare(ADD_ACTIVE)?;
+    let add = tx.prepare(FILL_ACTIVE_MINUTE)?;
     for minute in &minutes {
         let mut pairs = Vec::new();
         for row in tx.query(&users, &[minute])? {
@@ -521,6 +554,22 @@ fn fill_active_minutes(tx: &mut ::postgres::Transaction<'_>) -> Result<(), ::pos
     }
     log::info!("filled active_minute for {} minutes", minutes.len());
     Ok(())
+}
+
+/// `t` rounded down to an hour (UTC).
+fn hour_floor(t: OffsetDateTime) -> OffsetDateTime {
+    let secs = t.unix_timestamp();
+    OffsetDateTime::from_unix_timestamp(secs - secs.rem_euclid(3600)).unwrap_or(t)
+}
+
+/// `t` rounded up to an hour (unchanged when already on one, or at the end of time).
+fn hour_ceil(t: OffsetDateTime) -> OffsetDateTime {
+    let floor = hour_floor(t);
+    if floor == t {
+        t
+    } else {
+        floor.checked_add(time::Duration::HOUR).unwrap_or(t)
+    }
 }
 
 /// One bitmap per minute of the users in `pairs`, minutes in order (see [`ADD_ACTIVE`]).
@@ -1275,6 +1324,16 @@ impl StoreReader for PgReader {
         } else {
             (whole_start, whole_start)
         };
+        // Whole hours [hours_start, hours_end) inside the whole minutes; none: both at the
+        // end, so the minutes before them are all the minutes.
+        let (hours_start, hours_end) = {
+            let (h0, h1) = (hour_ceil(rollup_start), hour_floor(rollup_end));
+            if h0 < h1 {
+                (h0, h1)
+            } else {
+                (rollup_end, rollup_end)
+            }
+        };
         self.run("counting active users", |conn| {
             let statement = prepared(conn, ACTIVE_USERS)?;
             let row = conn.query_one(
@@ -1286,6 +1345,8 @@ impl StoreReader for PgReader {
                     &rollup_end,
                     &left_end,
                     &right_start,
+                    &hours_start,
+                    &hours_end,
                 ],
             )?;
             Ok(row.try_get(0)?)
