@@ -109,9 +109,15 @@ pub trait Bus: Send + Sync {
         Joined::Now
     }
 
-    /// Called once for every [`Bus::join`] when that connection leaves the room (or gives up
-    /// joining), so a broker-backed bus unsubscribes the node from rooms it no longer serves.
+    /// Called once for every [`Bus::join`] when that connection leaves the room, so a
+    /// broker-backed bus unsubscribes the node from rooms it no longer serves.
     fn leave(&self, _room: &Arc<str>) {}
+
+    /// Instead of [`Bus::leave`] for a connection that gives up while its join was
+    /// [`Joined::Later`]: it is no longer waited for either.
+    fn leave_joining(&self, room: &Arc<str>, _joiner: ReplyTo) {
+        self.leave(room);
+    }
 
     /// Appends the bus's own metrics to a `/metrics` text.
     fn render_metrics(&self, _out: &mut String) {}

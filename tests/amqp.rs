@@ -724,4 +724,24 @@ fn with_persisted_an_ack_means_committed_whichever_node_stored_the_message() {
         .expect("query")
         .get(0);
     assert_eq!(stored, 1);
+
+    // A notice meant for an earlier process under n1's id (another epoch) settles nobody.
+    assert_eq!(
+        nodes[0].metric("chatflow_amqp_commit_notices_dropped_total"),
+        0
+    );
+    {
+        let mut conn = ns.connect();
+        let ch = conn.open_channel(None).expect("channel");
+        let forged = br#"{"v":1,"epoch":1,"stored":[[0,0,1,1]]}"#;
+        let properties = amiquip::AmqpProperties::default().with_type_("chatflow.stored.v1".into());
+        ch.basic_publish(
+            "",
+            amiquip::Publish::with_properties(forged, ns.name("chat.node.n1"), properties),
+        )
+        .expect("publish");
+        let _ = conn.close();
+    }
+    let dropped = nodes[0].wait_metric("chatflow_amqp_commit_notices_dropped_total", |v| v == 1);
+    assert_eq!(dropped, 1);
 }

@@ -26,6 +26,9 @@
 //!   `messages`, the other four opaque to everyone but the node named in `node`. A node that
 //!   does not know the field ignores it; its senders then time out (`UNAVAILABLE`) instead of
 //!   getting their acks, which is safe.
+//! - `epoch` (with `waiting`): a number the accepting process drew at start. Connection
+//!   numbers start over when a node restarts under the same id, so a notice for the previous
+//!   process's senders could name a new connection; the epoch tells them apart.
 //!
 //! Properties: `content_type` [`CONTENT_TYPE`], `delivery_mode` 2 (persistent), `type`
 //! [`ENVELOPE_TYPE`], `app_id` `chatflow`.
@@ -37,10 +40,11 @@
 //! that node's queue name, AMQP `type` [`NOTICE_TYPE`], not persistent:
 //!
 //! ```json
-//! {"v":1,"stored":[[0,17,4242,9]],"failed":[{"at":[1,3,77,2],"why":"the store refused this message (...)"}]}
+//! {"v":1,"epoch":8410625917,"stored":[[0,17,4242,9]],"failed":[{"at":[1,3,77,2],"why":"the store refused this message (...)"}]}
 //! ```
 //!
-//! Each entry is the `[reactor, token, conn, seq]` of a waiting sender. The node's fan-out
+//! Each entry is the `[reactor, token, conn, seq]` of a waiting sender; `epoch` is the
+//! envelope's, and a node drops a notice whose epoch is not its own. The node's fan-out
 //! consumer hands them to its reactors, which then write the acks (or `UNAVAILABLE` errors).
 //! A notice that is lost (the node queue's length limit, a node restart) leaves the sender to
 //! its `persist_timeout_ms`: it gets `UNAVAILABLE`, never an ack for an uncommitted message.
@@ -95,14 +99,15 @@ pub fn push(out: &mut Vec<u8>, payload: &[u8], first: bool) {
 
 /// Closes the envelope.
 pub fn finish(out: &mut Vec<u8>) {
-    finish_waiting(out, &[]);
+    finish_waiting(out, 0, &[]);
 }
 
 /// Closes the envelope, listing the senders who wait for the commit: `(index in messages,
-/// sender)`.
-pub fn finish_waiting(out: &mut Vec<u8>, waiting: &[(usize, Origin)]) {
+/// sender)`, and the accepting process's `epoch`.
+pub fn finish_waiting(out: &mut Vec<u8>, epoch: u64, waiting: &[(usize, Origin)]) {
     out.push(b']');
     if !waiting.is_empty() {
+        let _ = write!(out, ",\"epoch\":{epoch}");
         out.extend_from_slice(b",\"waiting\":[");
         for (i, (index, o)) in waiting.iter().enumerate() {
             if i > 0 {
@@ -157,6 +162,8 @@ pub struct Envelope<'a> {
     pub messages: Vec<&'a RawValue>,
     /// Senders on `node` waiting for the commit: (index into `messages`, sender), by index.
     pub waiting: Vec<(usize, Origin)>,
+    /// The accepting process's epoch (0 when nobody waits).
+    pub epoch: u64,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +177,8 @@ struct Wire<'a> {
     messages: Vec<&'a RawValue>,
     #[serde(default)]
     waiting: Vec<[u64; 5]>,
+    #[serde(default)]
+    epoch: u64,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +239,7 @@ pub fn decode(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         room: wire.room,
         messages: wire.messages,
         waiting,
+        epoch: wire.epoch,
     })
 }
 
@@ -253,6 +263,8 @@ pub type Settled = (Origin, Result<(), String>);
 struct WireNotice {
     v: u64,
     #[serde(default)]
+    epoch: u64,
+    #[serde(default)]
     stored: Vec<[u64; 4]>,
     #[serde(default)]
     failed: Vec<WireFailed>,
@@ -268,10 +280,11 @@ fn wire_origin(o: &Origin) -> [u64; 4] {
     [o.reactor as u64, o.token as u64, o.conn, o.seq]
 }
 
-/// A commit notice for the senders in `settled`.
-pub fn encode_notice(settled: &[Settled]) -> Vec<u8> {
+/// A commit notice for the senders in `settled`, of the process with `epoch`.
+pub fn encode_notice(epoch: u64, settled: &[Settled]) -> Vec<u8> {
     let mut notice = WireNotice {
         v: VERSION,
+        epoch,
         stored: Vec::new(),
         failed: Vec::new(),
     };
@@ -288,8 +301,8 @@ pub fn encode_notice(settled: &[Settled]) -> Vec<u8> {
     serde_json::to_vec(&notice).unwrap_or_default()
 }
 
-/// The senders a commit notice settles.
-pub fn decode_notice(body: &[u8]) -> Result<Vec<Settled>, EnvelopeError> {
+/// The epoch and the senders a commit notice settles.
+pub fn decode_notice(body: &[u8]) -> Result<(u64, Vec<Settled>), EnvelopeError> {
     let wire: WireNotice =
         serde_json::from_slice(body).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     if wire.v != VERSION {
@@ -302,7 +315,7 @@ pub fn decode_notice(body: &[u8]) -> Result<Vec<Settled>, EnvelopeError> {
     for f in wire.failed {
         out.push((origin(f.at)?, Err(f.why)));
     }
-    Ok(out)
+    Ok((wire.epoch, out))
 }
 
 /// The stored fields of a broadcast frame.
@@ -407,18 +420,19 @@ mod tests {
         begin(&mut out, "n1", "7");
         push(&mut out, MSG.as_bytes(), true);
         push(&mut out, MSG.as_bytes(), false);
-        finish_waiting(&mut out, &[(1, o(5))]);
+        finish_waiting(&mut out, 77, &[(1, o(5))]);
         let env = decode(&out).expect("decodes");
         assert_eq!(env.messages.len(), 2);
         assert_eq!(env.waiting, vec![(1, o(5))]);
+        assert_eq!(env.epoch, 77);
         // Without waiting senders the field is left out.
         assert!(!String::from_utf8_lossy(&envelope("n1", "7", &[MSG])).contains("waiting"));
 
-        let notice = encode_notice(&[(o(5), Ok(())), (o(6), Err("refused \"x\"".into()))]);
+        let notice = encode_notice(77, &[(o(5), Ok(())), (o(6), Err("refused".into()))]);
         let back = decode_notice(&notice).expect("notice");
         assert_eq!(
             back,
-            vec![(o(5), Ok(())), (o(6), Err("refused \"x\"".into()))]
+            (77, vec![(o(5), Ok(())), (o(6), Err("refused".into()))])
         );
         assert!(matches!(
             decode_notice(br#"{"v":2,"stored":[]}"#),

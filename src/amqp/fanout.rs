@@ -97,6 +97,10 @@ impl FanoutThread {
                 End::Lost(why) => {
                     log::warn!("amqp fan-out: connection lost ({why}); reconnecting");
                     shared.set_health(Role::Fanout, Some(why));
+                    // The bindings may be gone with the queue (a broker restart, the
+                    // queue's expiry): joiners wait for the full reconcile after the
+                    // reconnect instead of trusting them.
+                    shared.rooms.lock().subscribed.clear();
                     drop(channel);
                     drop(conn);
                     // Also after a session that failed at once (e.g. a refused declare), so
@@ -328,9 +332,16 @@ impl FanoutThread {
 
     /// Sorts a commit notice's senders by reactor into `settled`.
     fn notice(&self, body: &[u8], settled: &mut Vec<Vec<Completion>>) -> Result<(), EnvelopeError> {
-        let notice = envelope::decode_notice(body)?;
-        self.shared
-            .stats
+        let (epoch, notice) = envelope::decode_notice(body)?;
+        let stats = &self.shared.stats;
+        if epoch != self.shared.epoch {
+            // For the senders of an earlier process under this node id: gone.
+            stats
+                .notices_dropped
+                .fetch_add(notice.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        stats
             .notices_received
             .fetch_add(notice.len() as u64, Ordering::Relaxed);
         for (o, result) in notice {

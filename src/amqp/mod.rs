@@ -71,6 +71,7 @@
 pub mod envelope;
 mod fanout;
 mod link;
+mod notice;
 mod persist;
 mod publisher;
 
@@ -260,6 +261,9 @@ pub struct AmqpStats {
     pub commit_notices: AtomicU64,
     /// Such senders of this node told by a notice from another node's persist consumer.
     pub notices_received: AtomicU64,
+    /// Senders whose commit notice was not delivered: the notice queue was full, the notice
+    /// sender could not publish, or the notice was for an earlier process (another epoch).
+    pub notices_dropped: AtomicU64,
 }
 
 /// Buckets for chat messages per envelope.
@@ -284,6 +288,7 @@ impl AmqpStats {
             bound_rooms: AtomicUsize::new(0),
             commit_notices: AtomicU64::new(0),
             notices_received: AtomicU64::new(0),
+            notices_dropped: AtomicU64::new(0),
         }
     }
 
@@ -371,8 +376,8 @@ impl Control {
 ///
 /// A connection joining a room that is not `subscribed` yet waits in `waiters` (its upgrade
 /// unanswered) until the consumer has bound the room, so a member hears every message sent
-/// after its upgrade, from every node. `waiters` holds only connections that are counted in
-/// `counts`, so it is bounded by the connections being upgraded.
+/// after its upgrade, from every node. A connection that gives up takes its entry out
+/// ([`Bus::leave_joining`]), so `waiters` holds only connections being upgraded now.
 #[derive(Default)]
 struct RoomBindings {
     /// Members (and joining connections) per room, all reactors together; a room is present
@@ -430,6 +435,7 @@ enum Role {
     Publisher(usize),
     Fanout,
     Persist,
+    Notices,
 }
 
 impl std::fmt::Display for Role {
@@ -438,6 +444,7 @@ impl std::fmt::Display for Role {
             Role::Publisher(i) => write!(f, "publisher {i}"),
             Role::Fanout => f.write_str("fan-out consumer"),
             Role::Persist => f.write_str("persist consumer"),
+            Role::Notices => f.write_str("notice sender"),
         }
     }
 }
@@ -460,6 +467,11 @@ struct Shared {
     nudge: Sender<()>,
     queues: Box<[PublishQueue]>,
     mailboxes: Arc<[Mailbox]>,
+    /// Drawn at start; names this process in envelopes with waiting senders and in the
+    /// commit notices for them (see [`envelope`]).
+    epoch: u64,
+    /// Commit notices for other nodes, to the notice sender (bounded; dropped when full).
+    notices: Sender<notice::Notice>,
 }
 
 impl Shared {
@@ -469,6 +481,7 @@ impl Shared {
             Role::Publisher(i) => i,
             Role::Fanout => n,
             Role::Persist => n + 1,
+            Role::Notices => n + 2,
         };
         &self.health[i]
     }
@@ -566,19 +579,22 @@ impl AmqpBus {
             job_rxs.push(rx);
         }
         let (nudge, nudged) = crossbeam_channel::bounded(1);
+        let (notices, notices_rx) = crossbeam_channel::bounded(notice::QUEUE_NOTICES);
         let shared = Arc::new(Shared {
             broker,
             topology,
             breaker: BusBreaker::starting(publishers),
             stats: AmqpStats::new(publishers),
             control: Control::default(),
-            health: (0..publishers + 2)
+            health: (0..publishers + 3)
                 .map(|_| Mutex::new(Some("not connected yet".into())))
                 .collect(),
             rooms: Mutex::new(RoomBindings::default()),
             nudge,
             queues: queues.into(),
             mailboxes,
+            epoch: fastrand::u64(1..),
+            notices,
             settings,
         });
         let bus = AmqpBus {
@@ -602,6 +618,9 @@ impl AmqpBus {
         bus.threads.lock().push(handle);
         let p = persist::PersistThread::new(shared.clone(), store, deliveries);
         let handle = spawn("amqp-persist".into(), Box::new(move || p.run()))?;
+        bus.threads.lock().push(handle);
+        let n = notice::NoticeThread::new(shared.clone(), notices_rx);
+        let handle = spawn("amqp-notices".into(), Box::new(move || n.run()))?;
         bus.threads.lock().push(handle);
 
         let until = Instant::now() + START_WAIT;
@@ -705,7 +724,7 @@ impl Bus for AmqpBus {
         let n = shared.settings.publishers;
         let roles = (0..n)
             .map(Role::Publisher)
-            .chain([Role::Fanout, Role::Persist]);
+            .chain([Role::Fanout, Role::Persist, Role::Notices]);
         let down: Vec<String> = roles
             .filter_map(|role| {
                 let why = shared.health_slot(role).lock().clone()?;
@@ -755,10 +774,23 @@ impl Bus for AmqpBus {
         }
     }
 
+    fn leave_joining(&self, room: &Arc<str>, joiner: ReplyTo) {
+        let gone = {
+            let mut rooms = self.shared.rooms.lock();
+            if let Some(waiting) = rooms.waiters.get_mut(room) {
+                waiting.retain(|w| *w != joiner);
+            }
+            rooms.remove(room)
+        };
+        if gone {
+            self.shared.nudge_fanout();
+        }
+    }
+
     fn render_metrics(&self, out: &mut String) {
         let s = &self.shared.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "chatflow_amqp_published_total",
                 "Chat messages published to RabbitMQ (republished ones count again).",
@@ -818,6 +850,11 @@ impl Bus for AmqpBus {
                 "chatflow_amqp_commit_notices_received_total",
                 "Senders on this node settled by a commit notice from another node's persist consumer.",
                 load(&s.notices_received),
+            ),
+            (
+                "chatflow_amqp_commit_notices_dropped_total",
+                "Senders whose commit notice was dropped (queue full, broker unreachable, or meant for an earlier process); they get UNAVAILABLE at persist_timeout_ms.",
+                load(&s.notices_dropped),
             ),
         ];
         for (name, help, v) in counters {

@@ -19,14 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use amiquip::{
-    AmqpProperties, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, Publish,
-};
+use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery};
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 
 use super::envelope::{self, Settled};
 use super::link::{self, Backoff};
-use super::{Role, Shared, Topology};
+use super::notice::Notice;
+use super::{Role, Shared};
 use crate::mailbox::{Completion, Origin, Reply};
 use crate::store::writer::{DeliveryOutcomes, DeliveryRef, Persist, StoreQueue};
 
@@ -50,8 +49,9 @@ struct Taken {
     delivery: Delivery,
     /// Messages not reported yet.
     remaining: usize,
-    /// The node that accepted the messages.
+    /// The node that accepted the messages, and its process's epoch.
     node: String,
+    epoch: u64,
     /// Its senders waiting for the commit: (index in the envelope, sender), by index.
     waiting: Vec<(usize, Origin)>,
     /// Their fates so far, for the commit notice.
@@ -181,10 +181,10 @@ impl PersistThread {
                 }
                 let _ = select.ready_timeout(TICK);
             }
-            if let Err(end) = self.apply_outcomes(&mut taken, &consumer, channel) {
+            if let Err(end) = self.apply_outcomes(&mut taken, &consumer) {
                 return end;
             }
-            if consuming && let Err(end) = self.take_deliveries(&mut taken, &consumer, channel) {
+            if consuming && let Err(end) = self.take_deliveries(&mut taken, &consumer) {
                 return end;
             }
         }
@@ -195,11 +195,10 @@ impl PersistThread {
         &self,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
-        channel: &Channel,
     ) -> Result<(), End> {
         for _ in 0..usize::from(self.shared.settings.prefetch) {
             match consumer.receiver().try_recv() {
-                Ok(ConsumerMessage::Delivery(d)) => self.take(d, taken, consumer, channel)?,
+                Ok(ConsumerMessage::Delivery(d)) => self.take(d, taken, consumer)?,
                 Ok(other) => return Err(End::Lost(format!("the consumer ended: {other:?}"))),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -215,7 +214,6 @@ impl PersistThread {
         mut d: Delivery,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
-        channel: &Channel,
     ) -> Result<(), End> {
         let stats = &self.shared.stats;
         stats.persist_deliveries.fetch_add(1, Ordering::Relaxed);
@@ -224,9 +222,9 @@ impl PersistThread {
         }
         let parsed = envelope::decode(&d.body).and_then(|env| {
             let records = envelope::records(&env)?;
-            Ok((records, env.node.into_owned(), env.waiting))
+            Ok((records, env.node.into_owned(), env.epoch, env.waiting))
         });
-        let (records, node, waiting) = match parsed {
+        let (records, node, epoch, waiting) = match parsed {
             Ok(r) => r,
             Err(e) => {
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +249,7 @@ impl PersistThread {
                 delivery: d,
                 remaining: records.len(),
                 node,
+                epoch,
                 settled: Vec::with_capacity(waiting.len()),
                 waiting,
             },
@@ -263,7 +262,7 @@ impl PersistThread {
             // keeps a long wait from counting as thousands of refusals in the store's
             // metrics.
             while !(self.store.depth() < self.store.capacity() && self.store.reserve()) {
-                self.apply_outcomes(taken, consumer, channel)?;
+                self.apply_outcomes(taken, consumer)?;
                 if self.shared.control.past_deadline() {
                     // Part of this delivery is with the writers; unacknowledged, it comes
                     // back and the store skips what it has.
@@ -300,7 +299,6 @@ impl PersistThread {
         &self,
         taken: &mut BTreeMap<u64, Taken>,
         consumer: &Consumer<'_>,
-        channel: &Channel,
     ) -> Result<(), End> {
         let generation = self.generation & (u64::MAX >> TAG_BITS);
         while let Ok(outcomes) = self.outcomes.try_recv() {
@@ -319,14 +317,17 @@ impl PersistThread {
             }
         }
         let mut last = None;
-        let mut notices: HashMap<String, Vec<Settled>> = HashMap::new();
+        let mut notices: HashMap<(String, u64), Vec<Settled>> = HashMap::new();
         while let Some(first) = taken.first_entry() {
             if first.get().remaining > 0 {
                 break;
             }
             let done = first.remove();
             if !done.settled.is_empty() {
-                notices.entry(done.node).or_default().extend(done.settled);
+                notices
+                    .entry((done.node, done.epoch))
+                    .or_default()
+                    .extend(done.settled);
             }
             last = Some(done.delivery);
         }
@@ -336,21 +337,19 @@ impl PersistThread {
                 .ack_multiple(d)
                 .map_err(|e| End::Lost(self.shared.describe(&e)))?;
         }
-        for (node, settled) in notices {
-            self.notify(channel, &node, settled)?;
+        for ((node, epoch), settled) in notices {
+            self.notify(node, epoch, settled);
         }
         Ok(())
     }
 
-    /// Tells `node`'s senders their messages are committed (or refused): this node's own
-    /// reactors directly, another node through its queue (see [`envelope::encode_notice`]).
-    fn notify(&self, channel: &Channel, node: &str, settled: Vec<Settled>) -> Result<(), End> {
+    /// Tells `node`'s senders their messages are committed (or refused): this process's own
+    /// reactors directly, another node through the notice sender (see [`super::notice`]).
+    fn notify(&self, node: String, epoch: u64, settled: Vec<Settled>) {
         let shared = &self.shared;
-        shared
-            .stats
-            .commit_notices
-            .fetch_add(settled.len() as u64, Ordering::Relaxed);
-        if node == shared.settings.node_id {
+        let n = settled.len() as u64;
+        if node == shared.settings.node_id && epoch == shared.epoch {
+            shared.stats.commit_notices.fetch_add(n, Ordering::Relaxed);
             let mut by_reactor: HashMap<usize, Vec<Completion>> = HashMap::new();
             for (o, result) in settled {
                 by_reactor.entry(o.reactor).or_default().push(Completion {
@@ -366,19 +365,24 @@ impl PersistThread {
                     let _ = mailbox.send(Reply::Settled(completions));
                 }
             }
-            return Ok(());
+        } else if node == shared.settings.node_id {
+            // An earlier process under this node id accepted them; its senders are gone.
+            shared.stats.notices_dropped.fetch_add(n, Ordering::Relaxed);
+        } else {
+            let notice = Notice {
+                node,
+                epoch,
+                settled,
+            };
+            match shared.notices.try_send(notice) {
+                Ok(()) => {
+                    shared.stats.commit_notices.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    shared.stats.notices_dropped.fetch_add(n, Ordering::Relaxed);
+                }
+            }
         }
-        let queue = Topology::new(&shared.settings.namespace, node).node_queue;
-        let body = envelope::encode_notice(&settled);
-        let properties = AmqpProperties::default()
-            .with_content_type(envelope::CONTENT_TYPE.into())
-            .with_type_(envelope::NOTICE_TYPE.into())
-            .with_app_id("chatflow".into());
-        // The default exchange routes to the queue named by the key; if that node is gone the
-        // notice is dropped, and nobody waits for it.
-        channel
-            .basic_publish("", Publish::with_properties(&body, queue, properties))
-            .map_err(|e| End::Lost(self.shared.describe(&e)))
     }
 }
 

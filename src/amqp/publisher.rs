@@ -280,7 +280,7 @@ impl PublisherThread {
                 Some(&i) if self.pending[i].messages < batch_max => i,
                 full => {
                     if let Some(&i) = full {
-                        seal(&mut self.pending[i]);
+                        seal(&mut self.pending[i], self.shared.epoch);
                     }
                     let mut body = Vec::with_capacity(64 + job.payload.len() * 2);
                     envelope::begin(&mut body, node, &job.room);
@@ -308,7 +308,7 @@ impl PublisherThread {
             env.messages += 1;
         }
         for (_, i) in self.open.drain() {
-            seal(&mut self.pending[i]);
+            seal(&mut self.pending[i], self.shared.epoch);
         }
         taken
     }
@@ -567,9 +567,9 @@ impl PublisherThread {
     }
 }
 
-fn seal(env: &mut Envelope) {
+fn seal(env: &mut Envelope, epoch: u64) {
     if !env.sealed {
-        envelope::finish_waiting(&mut env.body, &env.waiting);
+        envelope::finish_waiting(&mut env.body, epoch, &env.waiting);
         env.sealed = true;
     }
 }

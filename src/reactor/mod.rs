@@ -175,6 +175,8 @@ enum Phase {
 /// An admitted upgrade waiting for [`Reply::Joined`].
 struct Joining {
     room: Arc<str>,
+    /// How the bus knows this connection among the room's waiters.
+    joiner: ReplyTo,
     accept: String,
     /// Bytes read past the request head (frames sent before the `101`).
     leftover: Vec<u8>,
@@ -871,6 +873,7 @@ impl Reactor {
             Joined::Later => {
                 conn.phase = Phase::Joining(Box::new(Joining {
                     room,
+                    joiner,
                     accept: accept.to_string(),
                     leftover,
                     token,
@@ -1353,6 +1356,7 @@ impl Reactor {
                 accept,
                 leftover,
                 token: user,
+                ..
             } = *j;
             self.open_session(token, &room, &accept, leftover, user);
         }
@@ -1365,7 +1369,7 @@ impl Reactor {
             return;
         };
         if let Phase::Joining(j) = mem::replace(&mut conn.phase, Phase::Waiting) {
-            self.shared.bus.leave(&j.room);
+            self.shared.bus.leave_joining(&j.room, j.joiner);
             let bytes = http::error_response(status, message, false);
             self.respond(t, bytes, status.code());
         }
@@ -1638,7 +1642,7 @@ impl Reactor {
         conn.since = self.now;
         match phase {
             Phase::Open(session) => self.end_session(t, &session),
-            Phase::Joining(j) => self.shared.bus.leave(&j.room),
+            Phase::Joining(j) => self.shared.bus.leave_joining(&j.room, j.joiner),
             _ => {}
         }
         self.stats.disconnect(why);
@@ -1669,7 +1673,7 @@ impl Reactor {
         }
         match &conn.phase {
             Phase::Open(session) => self.end_session(t, session),
-            Phase::Joining(j) => self.shared.bus.leave(&j.room),
+            Phase::Joining(j) => self.shared.bus.leave_joining(&j.room, j.joiner),
             _ => {}
         }
         conn.out.clear(&mut self.pool);
