@@ -302,12 +302,22 @@ fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
     let db = TestDb::new("v1to2");
     let store = open(&db);
     let mut w = store.writer().expect("writer");
-    let batch: Vec<Record> = (0..300u128)
-        .map(|i| record(i + 1, "r", (i * 37 % 101) as i32 + 1, "m", (i as i64) * 2))
+    // 180 minutes: more than one group of minutes the fill inserts at a time.
+    let batch: Vec<Record> = (0..3000u128)
+        .map(|i| {
+            record(
+                i + 1,
+                "r",
+                (i * 37 % 1009) as i32 + 1,
+                "m",
+                (i as i64) * 36 / 10,
+            )
+        })
         .collect();
-    assert_eq!(w.write(&batch), Ok(300));
+    assert_eq!(w.write(&batch), Ok(3000));
     drop(w);
-    let before = [active(&store, 0, 600), active(&store, 60, 480)];
+    let windows = [(0, 10_800), (60, 480), (30, 7230), (3600, 7200)];
+    let before: Vec<i64> = windows.iter().map(|&(a, b)| active(&store, a, b)).collect();
     // Back to version 1: what an older ChatFlow left.
     db.client()
         .batch_execute(
@@ -322,10 +332,11 @@ fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
         count(&db, "SELECT max(version)::bigint FROM schema_version"),
         store.schema_version()
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM active_minute"), 10);
-    assert_eq!(count(&db, "SELECT count(*) FROM active_hour"), 1);
-    assert_eq!([active(&store, 0, 600), active(&store, 60, 480)], before);
-    assert_eq!(before[0], 101, "every user of the data");
+    assert_eq!(count(&db, "SELECT count(*) FROM active_minute"), 180);
+    assert_eq!(count(&db, "SELECT count(*) FROM active_hour"), 3);
+    let after: Vec<i64> = windows.iter().map(|&(a, b)| active(&store, a, b)).collect();
+    assert_eq!(after, before);
+    assert_eq!(before[0], 1009, "every user of the data");
 }
 
 /// Windows over three hours, cut anywhere (whole hours, whole minutes around them, partial

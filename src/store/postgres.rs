@@ -152,7 +152,14 @@ CREATE TABLE dead_letters (
 /// - `user_minute_stray`: the (normally empty) rows of users outside the bitmap.
 /// - The BRIN index on `server_ts` is rebuilt with 16 pages per range instead of 128, so a
 ///   partial minute at a window's edge reads an eighth of the blocks.
+///
+/// It locks `messages`, then `user_minute`, first: the order writers take them in, so a
+/// writer of an older version that is mid-batch finishes before the migration goes on,
+/// instead of deadlocking with it. Reads and writes wait until it commits (seconds at 10
+/// million rows; see `docs/storage.md`).
 const SCHEMA_V2: &str = "
+LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE user_minute IN SHARE MODE;
 CREATE TABLE active_minute (
     minute timestamptz PRIMARY KEY,
     users  bit(100008) NOT NULL
@@ -174,6 +181,7 @@ FROM unnest($1::timestamptz[], $2::bytea[]) AS t(minute, bits)
 /// Version 3: the same bitmaps per hour, so a day ORs 24 of them (plus the minutes of the
 /// partial hours at its edges) instead of 1,440. Filled from `active_minute`.
 const SCHEMA_V3: &str = "
+LOCK TABLE active_minute IN SHARE MODE;
 CREATE TABLE active_hour (
     hour  timestamptz PRIMARY KEY,
     users bit(100008) NOT NULL
@@ -529,30 +537,43 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
     tx.commit()
 }
 
-/// Fills `active_minute` from `user_minute` (the data written before version 2), one minute
-/// at a time so memory stays at one minute's users.
+/// Fills `active_minute` from `user_minute` (the data written before version 2) in one
+/// ordered pass through a cursor, inserting the bitmaps of up to `FILL_MINUTES` minutes at a
+/// time, so memory stays at a few MB whatever the history.
 fn fill_active_minutes(tx: &mut ::postgres::Transaction<'_>) -> Result<(), ::postgres::Error> {
-    let minutes: Vec<OffsetDateTime> = tx
-        .query(
-            "SELECT DISTINCT minute FROM type_minute ORDER BY minute",
-            &[],
-        )?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
-    if minutes.is_empty() {
-        return Ok(());
-    }
-    let users = tx.prepare("SELECT user_id FROM user_minute WHERE minute = $1")?;
+    const FETCH: i64 = 50_000;
+    const FILL_MINUTES: usize = 64;
     let add = tx.prepare(FILL_ACTIVE_MINUTE)?;
-    for minute in &minutes {
-        let mut pairs = Vec::new();
-        for row in tx.query(&users, &[minute])? {
-            pairs.push((*minute, row.try_get::<_, i32>(0)?));
+    tx.batch_execute(
+        "DECLARE fill_active NO SCROLL CURSOR FOR
+         SELECT minute, user_id FROM user_minute
+          WHERE user_id >= 0 AND user_id < 100008 ORDER BY minute",
+    )?;
+    let fetch = format!("FETCH {FETCH} FROM fill_active");
+    let mut pairs: Vec<(OffsetDateTime, i32)> = Vec::new();
+    let mut minutes = 0usize;
+    loop {
+        let rows = tx.query(fetch.as_str(), &[])?;
+        let done = (rows.len() as i64) < FETCH;
+        for row in &rows {
+            let minute: OffsetDateTime = row.try_get(0)?;
+            if pairs.last().is_some_and(|(m, _)| *m != minute) {
+                minutes += 1;
+                // Whole minutes only: the cursor is in minute order, so the last minute of
+                // `pairs` may continue in the next fetch.
+                if minutes.is_multiple_of(FILL_MINUTES) {
+                    add_active(tx, &add, pairs.drain(..))?;
+                }
+            }
+            pairs.push((minute, row.try_get(1)?));
         }
-        add_active(tx, &add, pairs.into_iter())?;
+        if done {
+            break;
+        }
     }
-    log::info!("filled active_minute for {} minutes", minutes.len());
+    add_active(tx, &add, pairs.into_iter())?;
+    tx.batch_execute("CLOSE fill_active")?;
+    log::info!("filled active_minute from user_minute");
     Ok(())
 }
 
