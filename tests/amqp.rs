@@ -33,6 +33,16 @@ fn poll_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `chatflow_amqp_queue_ready_messages{queue="..."}` of `node`, or `None` while the node's
+/// queue sampler has no figure for it.
+fn queue_ready(node: &TestServer, queue: &str) -> Option<u64> {
+    let body = node.get("/metrics").body;
+    let sample = format!("chatflow_amqp_queue_ready_messages{{queue=\"{queue}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample.as_str()))
+        .map(|v| v.trim().parse().expect("a count"))
+}
+
 fn sum_metric(nodes: &[&TestServer], sample: &str) -> u64 {
     nodes.iter().map(|n| n.metric(sample)).sum()
 }
@@ -347,6 +357,17 @@ fn malformed_envelopes_go_to_the_dead_letter_queue_and_consumers_keep_going() {
             && n1.metric("chatflow_amqp_fanout_rejected_total") == bad.len() as u64
             && n2.metric("chatflow_amqp_fanout_rejected_total") == bad.len() as u64
     });
+    // Each node's queue sampler reads the broker's queues for /metrics (every 5 s).
+    let sampled = |dlq: u64| {
+        nodes.iter().all(|n| {
+            queue_ready(n, "dlq") == Some(dlq)
+                && queue_ready(n, "persist") == Some(0)
+                && queue_ready(n, "node") == Some(0)
+        })
+    };
+    poll_until("the nodes report the dead letters in /metrics", || {
+        sampled(bad.len() as u64)
+    });
     // The DLQ keeps the bodies as published, for an operator to look at. (Two nodes'
     // consumers rejected them, so in no particular order.)
     {
@@ -365,6 +386,7 @@ fn malformed_envelopes_go_to_the_dead_letter_queue_and_consumers_keep_going() {
         assert_eq!(got, want);
         let _ = conn.close();
     }
+    poll_until("the nodes report the emptied DLQ", || sampled(0));
 
     // Nothing reached a member, and the next real message goes through as usual.
     assert!(b.silent_for(Duration::from_millis(200)));

@@ -68,6 +68,7 @@
 //! rather than minutes. Connections are opened with `TCP_NODELAY` (see `link::Broker`), and
 //! each is named in the management UI after its node and thread.
 
+mod depth;
 pub mod envelope;
 mod fanout;
 mod link;
@@ -472,6 +473,8 @@ struct Shared {
     epoch: u64,
     /// Commit notices for other nodes, to the notice sender (bounded; dropped when full).
     notices: Sender<notice::Notice>,
+    /// Ready messages in the broker's queues, as the queue sampler last read them.
+    depths: depth::QueueDepths,
 }
 
 impl Shared {
@@ -595,6 +598,7 @@ impl AmqpBus {
             mailboxes,
             epoch: fastrand::u64(1..),
             notices,
+            depths: depth::QueueDepths::new(),
             settings,
         });
         let bus = AmqpBus {
@@ -621,6 +625,9 @@ impl AmqpBus {
         bus.threads.lock().push(handle);
         let n = notice::NoticeThread::new(shared.clone(), notices_rx);
         let handle = spawn("amqp-notices".into(), Box::new(move || n.run()))?;
+        bus.threads.lock().push(handle);
+        let d = depth::DepthThread::new(shared.clone());
+        let handle = spawn("amqp-depth".into(), Box::new(move || d.run()))?;
         bus.threads.lock().push(handle);
 
         let until = Instant::now() + START_WAIT;
@@ -788,6 +795,7 @@ impl Bus for AmqpBus {
     }
 
     fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
         let s = &self.shared.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let counters: [(&str, &str, u64); 13] = [
@@ -891,6 +899,22 @@ impl Bus for AmqpBus {
             "Rooms this node's fan-out queue is bound to (rooms with members here).",
             s.bound_rooms.load(Ordering::Relaxed),
         );
+        let depths: Vec<(&str, u64)> = depth::Sampled::ALL
+            .iter()
+            .filter_map(|&q| Some((q.label(), self.shared.depths.get(q)?)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "# HELP chatflow_amqp_queue_ready_messages Messages ready in a RabbitMQ queue (persist: chat.persist, dlq: chat.dlq, node: this node's queue), read every {} s; no sample while unknown.",
+            depth::SAMPLE_EVERY.as_secs()
+        );
+        let _ = writeln!(out, "# TYPE chatflow_amqp_queue_ready_messages gauge");
+        for (label, v) in depths {
+            let _ = writeln!(
+                out,
+                "chatflow_amqp_queue_ready_messages{{queue=\"{label}\"}} {v}"
+            );
+        }
         let state = match self.shared.breaker.state() {
             BusState::Closed => 0,
             BusState::Open => 1,
