@@ -64,7 +64,7 @@ pub struct Config {
     pub store: String,
     /// Store writer threads (SQLite uses one). Default 2.
     pub writer_threads: usize,
-    /// Most messages in one write batch. Default 5000.
+    /// Most messages in one write batch. Default 10000.
     pub writer_batch_max: usize,
     /// Longest a batch waits for more messages after its first, milliseconds. Default 5.
     pub writer_batch_max_age_ms: u64,
@@ -161,7 +161,7 @@ impl Default for Config {
             ack_after: AckAfter::Published,
             store: DEFAULT_STORE.into(),
             writer_threads: 2,
-            writer_batch_max: 5000,
+            writer_batch_max: 10000,
             writer_batch_max_age_ms: 5,
             writer_queue_messages: 100_000,
             store_breaker_failures: 3,
