@@ -4,18 +4,21 @@
 //! It asks the broker with passive declares (`queue.declare` with `passive`: the queue's
 //! counts, nothing created or changed) on a connection of its own, so a slow broker delays
 //! only the figures, never a publish, a delivery or an ack. A figure that could not be read
-//! (the broker is unreachable, the queue does not exist yet) is left out of `/metrics`
-//! instead of repeating an old one. The sampler does not count towards `/ready`: the other
-//! threads already say when the broker is down.
+//! (the broker is unreachable, the queue does not exist yet) is left out of `/metrics`, and
+//! so is one older than two rounds (a broker call that hangs), instead of repeating an old
+//! figure. The node's own queue is read only while the fan-out consumer is connected (it
+//! declares that queue; before that, and while it is being recreated, a passive declare
+//! would only fail). The sampler does not count towards `/ready`: the other threads already
+//! say when the broker is down.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use amiquip::{Channel, Connection};
+use parking_lot::Mutex;
 
-use super::Shared;
 use super::link::{self, Backoff};
+use super::{Role, Shared};
 
 /// How often the queues are read.
 pub(super) const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -47,26 +50,29 @@ impl Sampled {
     }
 }
 
-/// The last figures read; -1 when unknown.
+/// A figure older than this is not shown: two rounds, so one slow round does not blank it.
+const FRESH_FOR: Duration = Duration::from_secs(2 * SAMPLE_EVERY.as_secs());
+
+/// The last figures read, with when they were read.
 pub(super) struct QueueDepths {
-    ready: [AtomicI64; 3],
+    ready: Mutex<[Option<(u32, Instant)>; 3]>,
 }
 
 impl QueueDepths {
     pub(super) fn new() -> QueueDepths {
         QueueDepths {
-            ready: [AtomicI64::new(-1), AtomicI64::new(-1), AtomicI64::new(-1)],
+            ready: Mutex::new([None; 3]),
         }
     }
 
-    /// Ready messages in `queue` at the last sample, if it could be read.
+    /// Ready messages in `queue`, if a read in the last [`FRESH_FOR`] gave them.
     pub(super) fn get(&self, queue: Sampled) -> Option<u64> {
-        u64::try_from(self.ready[queue.index()].load(Ordering::Relaxed)).ok()
+        let (n, at) = self.ready.lock()[queue.index()]?;
+        (at.elapsed() <= FRESH_FOR).then_some(u64::from(n))
     }
 
     fn set(&self, queue: Sampled, ready: Option<u32>) {
-        let v = ready.map_or(-1, i64::from);
-        self.ready[queue.index()].store(v, Ordering::Relaxed);
+        self.ready.lock()[queue.index()] = ready.map(|n| (n, Instant::now()));
     }
 
     fn forget(&self) {
@@ -105,7 +111,6 @@ impl DepthThread {
                     continue;
                 }
             };
-            self.backoff.reset();
             let why = self.session(&mut conn);
             shared.depths.forget();
             if let Err(e) = conn.close() {
@@ -137,7 +142,15 @@ impl DepthThread {
                 continue;
             }
             next = now + SAMPLE_EVERY;
+            let mut all_read = true;
             for queue in Sampled::ALL {
+                if shared.control.stopping() {
+                    return None;
+                }
+                if queue == Sampled::Node && shared.health_slot(Role::Fanout).lock().is_some() {
+                    shared.depths.set(queue, None);
+                    continue;
+                }
                 let ch = match channel.as_ref() {
                     Some(ch) => ch,
                     None => match conn.open_channel(None) {
@@ -161,8 +174,14 @@ impl DepthThread {
                         log::debug!("amqp queue sampler: {name}: {}", shared.describe(&e));
                         shared.depths.set(queue, None);
                         channel = None;
+                        all_read = false;
                     }
                 }
+            }
+            if all_read {
+                // Only a round that worked resets the backoff, so a connection that opens
+                // but cannot serve a channel is not retried every 100 ms.
+                self.backoff.reset();
             }
         }
     }
