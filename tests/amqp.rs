@@ -36,11 +36,9 @@ fn poll_until(what: &str, mut ok: impl FnMut() -> bool) {
 /// `chatflow_amqp_queue_ready_messages{queue="..."}` of `node`, or `None` while the node's
 /// queue sampler has no figure for it.
 fn queue_ready(node: &TestServer, queue: &str) -> Option<u64> {
-    let body = node.get("/metrics").body;
-    let sample = format!("chatflow_amqp_queue_ready_messages{{queue=\"{queue}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(sample.as_str()))
-        .map(|v| v.trim().parse().expect("a count"))
+    node.try_metric(&format!(
+        "chatflow_amqp_queue_ready_messages{{queue=\"{queue}\"}}"
+    ))
 }
 
 fn sum_metric(nodes: &[&TestServer], sample: &str) -> u64 {

@@ -18,7 +18,7 @@ use amiquip::{Channel, Connection};
 use parking_lot::Mutex;
 
 use super::link::{self, Backoff};
-use super::{Role, Shared};
+use super::{Role, Shared, Topology};
 
 /// How often the queues are read.
 pub(super) const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -42,6 +42,15 @@ impl Sampled {
             Sampled::Persist => "persist",
             Sampled::Dlq => "dlq",
             Sampled::Node => "node",
+        }
+    }
+
+    /// The queue's name in `topology`.
+    fn queue(self, topology: &Topology) -> &str {
+        match self {
+            Sampled::Persist => &topology.persist,
+            Sampled::Dlq => &topology.dlq,
+            Sampled::Node => &topology.node_queue,
         }
     }
 
@@ -158,13 +167,9 @@ impl DepthThread {
                         Err(e) => return Some(shared.describe(&e)),
                     },
                 };
-                let name = match queue {
-                    Sampled::Persist => &shared.topology.persist,
-                    Sampled::Dlq => &shared.topology.dlq,
-                    Sampled::Node => &shared.topology.node_queue,
-                };
+                let name = queue.queue(&shared.topology);
                 let read = ch
-                    .queue_declare_passive(name.as_str())
+                    .queue_declare_passive(name)
                     .map(|q| q.declared_message_count());
                 match read {
                     Ok(ready) => shared.depths.set(queue, ready),

@@ -899,21 +899,20 @@ impl Bus for AmqpBus {
             "Rooms this node's fan-out queue is bound to (rooms with members here).",
             s.bound_rooms.load(Ordering::Relaxed),
         );
-        let depths: Vec<(&str, u64)> = depth::Sampled::ALL
-            .iter()
-            .filter_map(|&q| Some((q.label(), self.shared.depths.get(q)?)))
-            .collect();
         let _ = writeln!(
             out,
             "# HELP chatflow_amqp_queue_ready_messages Messages ready in a RabbitMQ queue (persist: chat.persist, dlq: chat.dlq, node: this node's queue), read every {} s; no sample while unknown.",
             depth::SAMPLE_EVERY.as_secs()
         );
         let _ = writeln!(out, "# TYPE chatflow_amqp_queue_ready_messages gauge");
-        for (label, v) in depths {
-            let _ = writeln!(
-                out,
-                "chatflow_amqp_queue_ready_messages{{queue=\"{label}\"}} {v}"
-            );
+        for q in depth::Sampled::ALL {
+            if let Some(v) = self.shared.depths.get(q) {
+                let _ = writeln!(
+                    out,
+                    "chatflow_amqp_queue_ready_messages{{queue=\"{}\"}} {v}",
+                    q.label()
+                );
+            }
         }
         let state = match self.shared.breaker.state() {
             BusState::Closed => 0,

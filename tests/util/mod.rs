@@ -60,6 +60,12 @@ impl TestServer {
         metric_in(&text, sample)
     }
 
+    /// Like [`TestServer::metric`], but `None` when the sample is absent.
+    pub fn try_metric(&self, sample: &str) -> Option<u64> {
+        let text = self.server.as_ref().expect("running").metrics();
+        try_metric_in(&text, sample)
+    }
+
     /// Polls `metric` until `ok` holds or the wait runs out; returns the last value.
     pub fn wait_metric(&self, sample: &str, ok: impl Fn(u64) -> bool) -> u64 {
         let start = Instant::now();
@@ -98,11 +104,15 @@ impl Drop for TestServer {
 }
 
 pub fn metric_in(text: &str, sample: &str) -> u64 {
+    try_metric_in(text, sample).unwrap_or_else(|| panic!("metric {sample} missing"))
+}
+
+/// The value of `sample` in a `/metrics` text, or `None` when it is absent.
+pub fn try_metric_in(text: &str, sample: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("metric {sample} missing"))
 }
 
 /// A parsed HTTP response.
