@@ -1208,10 +1208,10 @@ fn fill_mode(a: &FillArgs) -> Result<Value> {
             let row = c.query_one(
                 "SELECT (SELECT count(*) FROM messages), \
                  (SELECT sum(messages)::bigint FROM room_minute), \
-                 (SELECT sum(messages)::bigint FROM user_minute), \
+                 (SELECT sum(n)::bigint FROM user_minute_batch, unnest(messages) AS n), \
                  (SELECT sum(messages)::bigint FROM type_minute), \
                  (SELECT sum(messages)::bigint FROM user_rooms), \
-                 (SELECT count(*) FROM user_minute), (SELECT count(*) FROM user_rooms), \
+                 (SELECT count(*) FROM user_minute_batch), (SELECT count(*) FROM user_rooms), \
                  (SELECT count(*) FROM room_minute)",
                 &[],
             )?;
@@ -1222,7 +1222,7 @@ fn fill_mode(a: &FillArgs) -> Result<Value> {
             out["verify"] = json!({
                 "messages": v[0], "room_minute_sum": v[1], "user_minute_sum": v[2],
                 "type_minute_sum": v[3], "user_rooms_sum": v[4],
-                "user_minute_rows": v[5], "user_rooms_rows": v[6], "room_minute_rows": v[7],
+                "user_minute_batch_rows": v[5], "user_rooms_rows": v[6], "room_minute_rows": v[7],
                 "rollups_agree": agree,
             });
             ensure!(agree, "the rollups disagree with messages: {v:?}");

@@ -78,7 +78,7 @@ fn migrating_twice_and_from_two_nodes_at_once_gives_one_schema() {
     let store = open(&db);
     store.migrate().expect("migrating again is a no-op");
 
-    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 3);
+    assert_eq!(count(&db, "SELECT count(*) FROM schema_version"), 4);
     assert_eq!(
         count(&db, "SELECT max(version)::bigint FROM schema_version"),
         store.schema_version()
@@ -163,9 +163,12 @@ fn a_message_id_repeated_within_and_across_batches_is_stored_and_counted_once() 
     assert_eq!(w.write(std::slice::from_ref(&c)), Ok(0));
 
     assert_eq!(count(&db, "SELECT count(*) FROM messages"), 3);
-    for rollup in ["room_minute", "user_minute", "type_minute", "user_rooms"] {
+    for rollup in ["room_minute", USER_MINUTE, "type_minute", "user_rooms"] {
         assert_eq!(
-            count(&db, &format!("SELECT sum(messages)::bigint FROM {rollup}")),
+            count(
+                &db,
+                &format!("SELECT sum(messages)::bigint FROM {rollup} r")
+            ),
             3,
             "{rollup} counts each message once"
         );
@@ -185,12 +188,17 @@ fn a_message_id_repeated_within_and_across_batches_is_stored_and_counted_once() 
     assert_eq!(history, vec![a, b]);
 }
 
+/// `user_minute_batch` summed per minute and user: what one row per user and minute would
+/// hold, whichever batches wrote it.
+const USER_MINUTE: &str = "(SELECT minute, u.user_id, sum(u.n)::bigint AS messages \
+     FROM user_minute_batch, unnest(users, messages) AS u(user_id, n) GROUP BY 1, 2)";
+
 /// Every rollup table of `db`, as text, in key order.
 fn rollups(db: &TestDb) -> Vec<String> {
     let mut client = db.client();
     [
         "room_minute",
-        "user_minute",
+        USER_MINUTE,
         "type_minute",
         "user_rooms",
         "active_minute",
@@ -296,15 +304,18 @@ fn active_users_are_exact_for_ids_inside_and_outside_the_bitmaps() {
 }
 
 /// Upgrading a version-1 database fills the minute and hour bitmaps from `user_minute`, so
-/// active users over data written before the upgrade are still right.
+/// active users over data written before the upgrade are still right, and version 4 turns
+/// `user_minute` into one `user_minute_batch` row per minute with the same counts.
 #[test]
 fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
     let db = TestDb::new("v1to2");
     let store = open(&db);
     let mut w = store.writer().expect("writer");
-    // 180 minutes: more than one group of minutes the fill inserts at a time.
-    let batch: Vec<Record> = (0..3000u128)
-        .map(|i| {
+    // 180 minutes: more than one group of minutes the fill inserts at a time. One user
+    // outside the bitmap, whose minute must be marked `strays`.
+    let stray = record(3001, "r", 200_000, "m", 100);
+    let batch: Vec<Record> = std::iter::once(stray)
+        .chain((0..3000u128).map(|i| {
             record(
                 i + 1,
                 "r",
@@ -312,20 +323,30 @@ fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
                 "m",
                 (i as i64) * 36 / 10,
             )
-        })
+        }))
         .collect();
-    assert_eq!(w.write(&batch), Ok(3000));
+    assert_eq!(w.write(&batch), Ok(3001));
     drop(w);
     let windows = [(0, 10_800), (60, 480), (30, 7230), (3600, 7200)];
     let before: Vec<i64> = windows.iter().map(|&(a, b)| active(&store, a, b)).collect();
-    // Back to version 1: what an older ChatFlow left.
+    let rollups_before = rollups(&db);
+    // Back to version 1: what an older ChatFlow left (one `user_minute` row per user and
+    // minute, no bitmaps).
     db.client()
-        .batch_execute(
-            "DROP TABLE active_hour; DROP TABLE active_minute; DROP INDEX user_minute_stray;
+        .batch_execute(&format!(
+            "CREATE TABLE user_minute (
+                 minute   timestamptz NOT NULL,
+                 user_id  int NOT NULL,
+                 messages bigint NOT NULL,
+                 PRIMARY KEY (minute, user_id)
+             ) WITH (fillfactor = 80);
+             INSERT INTO user_minute SELECT * FROM {USER_MINUTE} AS um;
+             DROP TABLE user_minute_batch;
+             DROP TABLE active_hour; DROP TABLE active_minute;
              DROP INDEX messages_ts_brin;
              CREATE INDEX messages_ts_brin ON messages USING brin (server_ts);
-             DELETE FROM schema_version WHERE version >= 2;",
-        )
+             DELETE FROM schema_version WHERE version >= 2;"
+        ))
         .expect("downgrade");
     let store = open(&db);
     assert_eq!(
@@ -336,7 +357,20 @@ fn migrating_from_version_1_fills_the_bitmaps_from_existing_data() {
     assert_eq!(count(&db, "SELECT count(*) FROM active_hour"), 3);
     let after: Vec<i64> = windows.iter().map(|&(a, b)| active(&store, a, b)).collect();
     assert_eq!(after, before);
-    assert_eq!(before[0], 1009, "every user of the data");
+    assert_eq!(
+        before[0], 1010,
+        "every user of the data, the stray one included"
+    );
+    assert_eq!(
+        rollups(&db),
+        rollups_before,
+        "the same counts after the upgrade"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM user_minute_batch"), 180);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM user_minute_batch WHERE strays"),
+        1
+    );
 }
 
 /// Windows over three hours, cut anywhere (whole hours, whole minutes around them, partial

@@ -62,10 +62,15 @@ const WRITER_SESSION: &str = "SET statement_timeout = '60s'; RESET plan_cache_mo
 const MIGRATION_LOCK: i64 = 0x6368_6174_666c_6f77;
 
 /// The schema version this build creates and expects.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The schema, one entry per version, applied in order. Never edit a released entry: add one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 const _: () = assert!(
     MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION,
     "the last migration must be SCHEMA_VERSION"
@@ -73,7 +78,8 @@ const _: () = assert!(
 
 /// Users `0..BITMAP_USERS` have a bit in `active_minute` (PROTOCOL's user ids are
 /// 1..=100000; the width is a whole number of bytes). Rows with other ids, which only a
-/// broker envelope written by hand could bring, are found through `user_minute_stray`.
+/// broker envelope written by hand could bring, are found through the rows of
+/// `user_minute_batch` marked `strays`.
 const BITMAP_USERS: i32 = 100_008;
 /// Bytes of one bitmap.
 const BITMAP_BYTES: usize = BITMAP_USERS as usize / 8;
@@ -190,6 +196,38 @@ INSERT INTO active_hour (hour, users)
 SELECT date_trunc('hour', minute, 'UTC'), bit_or(users) FROM active_minute GROUP BY 1;
 ";
 
+/// Version 4: per-user minute counts as one row per writer batch and minute, instead of one
+/// row per user and minute.
+///
+/// `user_minute` took one upsert per user and minute of every batch: with 100,000 users,
+/// nearly one per message, each at a random place in the minute's key range, about a fifth
+/// of what PostgreSQL spent on a batch (`docs/storage.md`). `user_minute_batch` holds, for
+/// each batch and each minute it touches, the minute's users (sorted) and their counts as two
+/// arrays; a user's messages in a minute are the sum over that minute's rows. That is one row
+/// and one index entry per batch and minute, whatever the batch's size. `strays` marks a row
+/// holding an id outside the bitmap of `active_minute`, which active users must also read
+/// (normally none; the partial index finds them without reading the others).
+///
+/// It locks `messages`, then `user_minute` (the writers' order, as in version 2), converts
+/// what `user_minute` holds into one row per minute, and drops it.
+const SCHEMA_V4: &str = "
+LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;
+LOCK TABLE user_minute IN ACCESS EXCLUSIVE MODE;
+CREATE TABLE user_minute_batch (
+    minute   timestamptz NOT NULL,
+    users    int4[] NOT NULL,
+    messages int8[] NOT NULL,
+    strays   boolean NOT NULL
+);
+CREATE INDEX user_minute_batch_minute ON user_minute_batch (minute);
+CREATE INDEX user_minute_batch_strays ON user_minute_batch (minute) WHERE strays;
+INSERT INTO user_minute_batch (minute, users, messages, strays)
+SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(messages ORDER BY user_id),
+       bool_or(user_id < 0 OR user_id >= 100008)
+FROM user_minute GROUP BY minute ORDER BY minute;
+DROP TABLE user_minute;
+";
+
 /// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
 /// into `active_minute` and `active_hour`, in time order (the lock order every writer
 /// follows: minutes, then hours).
@@ -235,9 +273,11 @@ WITH by_room AS (
     SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int8[])
     ON CONFLICT (minute, room_id) DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ), by_user AS (
-    INSERT INTO user_minute AS u (minute, user_id, messages)
-    SELECT * FROM unnest($4::timestamptz[], $5::int4[], $6::int8[])
-    ON CONFLICT (minute, user_id) DO UPDATE SET messages = u.messages + EXCLUDED.messages
+    INSERT INTO user_minute_batch (minute, users, messages, strays)
+    SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(n ORDER BY user_id),
+           bool_or(user_id < 0 OR user_id >= 100008)
+    FROM unnest($4::timestamptz[], $5::int4[], $6::int8[]) AS t(minute, user_id, n)
+    GROUP BY minute
 ), by_type AS (
     INSERT INTO type_minute AS t (minute, message_type, messages)
     SELECT * FROM unnest($7::timestamptz[], $8::int2[], $9::int8[])
@@ -279,10 +319,11 @@ WITH batch AS (
     GROUP BY minute, room_id ORDER BY minute, room_id COLLATE "C"
     ON CONFLICT (minute, room_id) DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ), by_user AS (
-    INSERT INTO user_minute AS u (minute, user_id, messages)
-    SELECT minute, user_id, count(*) FROM inserted
-    GROUP BY minute, user_id ORDER BY minute, user_id
-    ON CONFLICT (minute, user_id) DO UPDATE SET messages = u.messages + EXCLUDED.messages
+    INSERT INTO user_minute_batch (minute, users, messages, strays)
+    SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(n ORDER BY user_id),
+           bool_or(user_id < 0 OR user_id >= 100008)
+    FROM (SELECT minute, user_id, count(*) AS n FROM inserted GROUP BY minute, user_id) AS c
+    GROUP BY minute
 ), by_type AS (
     INSERT INTO type_minute AS t (minute, message_type, messages)
     SELECT minute, message_type, count(*) FROM inserted
@@ -353,8 +394,9 @@ WITH whole AS (
     SELECT user_id FROM messages
      WHERE $6::timestamptz < $2::timestamptz AND server_ts >= $6 AND server_ts < $2
     UNION
-    SELECT user_id FROM user_minute
-     WHERE minute >= $3 AND minute < $4 AND (user_id < 0 OR user_id >= 100008)
+    SELECT u.user_id FROM user_minute_batch AS b, unnest(b.users) AS u(user_id)
+     WHERE b.strays AND b.minute >= $3 AND b.minute < $4
+       AND (u.user_id < 0 OR u.user_id >= 100008)
 )
 SELECT coalesce(bit_count(bits), 0)
      + (SELECT count(*) FROM others
@@ -367,8 +409,9 @@ const TYPE_COUNTS: &str = "SELECT GROUPING(minute), minute, message_type, sum(me
      FROM type_minute WHERE minute >= $1 AND minute < $2 \
      GROUP BY GROUPING SETS ((minute), (message_type)) \
      ORDER BY 1, 2, 3";
-const TOP_USERS: &str = "SELECT user_id, sum(messages)::bigint AS n FROM user_minute \
-     WHERE minute >= $1 AND minute < $2 GROUP BY user_id ORDER BY n DESC, user_id LIMIT $3";
+const TOP_USERS: &str = "SELECT u.user_id, sum(u.n)::bigint AS n \
+     FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n) \
+     WHERE b.minute >= $1 AND b.minute < $2 GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT $3";
 const TOP_ROOMS: &str = r#"SELECT room_id, sum(messages)::bigint AS n FROM room_minute
      WHERE minute >= $1 AND minute < $2 GROUP BY room_id ORDER BY n DESC, room_id COLLATE "C"
      LIMIT $3"#;
