@@ -303,6 +303,96 @@ fn active_users_are_exact_for_ids_inside_and_outside_the_bitmaps() {
     );
 }
 
+/// Housekeeping merges each closed minute's per-batch rows of `user_minute_batch` into one,
+/// with the same sums: minutes between an hour and two minutes before `now` only, the stray
+/// mark kept, and a second run finds nothing to do.
+#[test]
+fn housekeeping_merges_the_per_batch_rows_of_closed_minutes() {
+    let db = TestDb::new("merge");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    // `now` is second 3630: minutes from second -120 up to (not including) 3480 are due.
+    let now = at(3630);
+    let batches: [&[(i32, i64)]; 7] = [
+        &[(1, 600), (2, 610), (3, 670)], // minute 10 (users 1, 2) and minute 11 (user 3)
+        &[(1, 620), (200_000, 630)],     // minute 10 again, with a user outside the bitmap
+        &[(4, 640)],                     // minute 10 a third time
+        &[(5, 3490)],                    // minute 58: too recent
+        &[(6, 3500)],
+        &[(7, -7200)], // two hours before `now`: out of reach
+        &[(8, -7190)],
+    ];
+    let mut id = 0u128;
+    for rows in batches {
+        let batch: Vec<Record> = rows
+            .iter()
+            .map(|&(user, secs)| {
+                id += 1;
+                record(id, "r", user, "m", secs)
+            })
+            .collect();
+        assert_eq!(w.write(&batch), Ok(batch.len()));
+    }
+    let rows_of = |minute: i64| {
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM user_minute_batch WHERE minute = to_timestamp({})",
+                minute_of(minute)
+            ),
+        )
+    };
+    assert_eq!(
+        [rows_of(600), rows_of(660), rows_of(3480), rows_of(-7200)],
+        [3, 1, 2, 2]
+    );
+    let before = rollups(&db);
+    let top_before = top_users(&store);
+
+    assert_eq!(w.maintain(now), Ok(1), "minute 10 is merged");
+    assert_eq!(
+        [rows_of(600), rows_of(660), rows_of(3480), rows_of(-7200)],
+        [1, 1, 2, 2]
+    );
+    assert_eq!(rollups(&db), before, "the same counts");
+    assert_eq!(top_users(&store), top_before);
+    assert_eq!(top_before[0], (1, 2));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM user_minute_batch WHERE strays AND 200000 = ANY(users)"
+        ),
+        1,
+        "the merged row is still marked"
+    );
+    assert_eq!(
+        active(&store, 600, 660),
+        4,
+        "users 1, 2, 4 and the stray one"
+    );
+    assert_eq!(w.maintain(now), Ok(0), "nothing left to merge");
+}
+
+/// Unix seconds of the minute holding second `secs` (after `BASE`).
+fn minute_of(secs: i64) -> i64 {
+    (BASE + secs).div_euclid(60) * 60
+}
+
+fn top_users(store: &PgStore) -> Vec<(i32, i64)> {
+    let mut r = store.reader().expect("reader");
+    r.analytics(everything_wide(), 20)
+        .expect("analytics")
+        .top_users
+}
+
+/// Three hours around `BASE`, wider than [`everything`].
+fn everything_wide() -> Window {
+    Window {
+        start: at(-3 * 3600),
+        end: at(3 * 3600),
+    }
+}
+
 /// Upgrading a version-1 database fills the minute and hour bitmaps from `user_minute`, so
 /// active users over data written before the upgrade are still right, and version 4 turns
 /// `user_minute` into one `user_minute_batch` row per minute with the same counts.

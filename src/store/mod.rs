@@ -176,6 +176,13 @@ pub trait StoreWriter: Send {
     /// Stores rows that cannot be written in the dead-letter table, with the reason, and
     /// commits.
     fn dead_letter(&mut self, rows: &[DeadLetter]) -> Result<(), StoreError>;
+
+    /// Housekeeping between batches, which the writer pool asks for about once a minute;
+    /// `now` is the node's clock. PostgreSQL merges the per-batch rows of closed minutes of
+    /// `user_minute_batch`. Returns how much it did (0: nothing was due). Nothing by default.
+    fn maintain(&mut self, _now: time::OffsetDateTime) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Answers queries; owned by one query thread. Lists are oldest first (`server_ts`, then

@@ -60,6 +60,20 @@ const WRITER_SESSION: &str = "SET statement_timeout = '60s'; RESET plan_cache_mo
 
 /// The key of the advisory lock that serialises migrations: "chatflow" in ASCII.
 const MIGRATION_LOCK: i64 = 0x6368_6174_666c_6f77;
+/// The key of the advisory lock one writer of the whole deployment holds while it merges
+/// `user_minute_batch` rows: "cfmerge" in ASCII.
+const MERGE_LOCK: i64 = 0x0063_666d_6572_6765;
+
+/// Minutes of `user_minute_batch` are merged once they are this old: batches that waited in
+/// the queue or the broker for a while still land before their minute is merged. (A batch
+/// that lands later only adds a row; the sums stay right.)
+const MERGE_LAG: time::Duration = time::Duration::minutes(2);
+/// How far back, before [`MERGE_LAG`], a merge looks for minutes with more than one row.
+const MERGE_SPAN: time::Duration = time::Duration::hours(1);
+/// The most minutes one merge handles, oldest first; the rest wait for the next one. A
+/// minute holds about as many array entries as it had messages, so this bounds a merge's
+/// work (a few seconds at 100,000 messages a second) even after a long stop.
+const MERGE_MINUTES: i64 = 5;
 
 /// The schema version this build creates and expects.
 pub const SCHEMA_VERSION: i32 = 4;
@@ -226,6 +240,31 @@ SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(messages ORDER BY 
        bool_or(user_id < 0 OR user_id >= 100008)
 FROM user_minute GROUP BY minute ORDER BY minute;
 DROP TABLE user_minute;
+";
+
+/// Merges the rows of each minute in [$1, $2) that has more than one (at most $3 minutes,
+/// oldest first) into one row with the summed counts, in one statement. Writers only ever
+/// insert into `user_minute_batch`, so a batch committed meanwhile is not lost: its row was
+/// not in this statement's snapshot and stays beside the merged one. Two merges of the same
+/// minute cannot both count a row: the second's DELETE waits for the first and then finds
+/// the rows gone.
+const MERGE_USER_MINUTES: &str = "
+WITH due AS (
+    SELECT minute FROM user_minute_batch
+    WHERE minute >= $1 AND minute < $2
+    GROUP BY minute HAVING count(*) > 1
+    ORDER BY minute LIMIT $3
+), old AS (
+    DELETE FROM user_minute_batch AS b USING due WHERE b.minute = due.minute
+    RETURNING b.minute, b.users, b.messages
+)
+INSERT INTO user_minute_batch (minute, users, messages, strays)
+SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(n ORDER BY user_id),
+       bool_or(user_id < 0 OR user_id >= 100008)
+FROM (SELECT old.minute, u.user_id, sum(u.n)::int8 AS n
+      FROM old, unnest(old.users, old.messages) AS u(user_id, n)
+      GROUP BY old.minute, u.user_id) AS c
+GROUP BY minute
 ";
 
 /// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
@@ -872,6 +911,26 @@ impl WriterSession {
         }
     }
 
+    /// Merges the minutes of `user_minute_batch` in [`from`, `to`) that have several rows,
+    /// unless another writer of the deployment is merging (then it does nothing). Returns how
+    /// many minutes it merged.
+    fn merge_user_minutes(
+        &mut self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<usize, ::postgres::Error> {
+        let mut tx = self.conn.transaction()?;
+        let mine: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MERGE_LOCK])?
+            .try_get(0)?;
+        if !mine {
+            return Ok(0);
+        }
+        let merged = tx.execute(MERGE_USER_MINUTES, &[&from, &to, &MERGE_MINUTES])?;
+        tx.commit()?;
+        Ok(usize::try_from(merged).unwrap_or(usize::MAX))
+    }
+
     /// Stores `batch` in one transaction and returns how many rows were new: straight into
     /// `messages` when every id is new, through `staging` otherwise.
     fn write(&mut self, batch: &[Record]) -> Result<usize, ::postgres::Error> {
@@ -1144,6 +1203,17 @@ impl StoreWriter for PgWriter {
             return Ok(());
         }
         self.with_retries("storing dead letters", |s| s.dead_letter(rows))
+    }
+
+    /// Merges the per-batch rows of `user_minute_batch` for the minutes between an hour
+    /// and two minutes before `now`, so top users read about one row per minute.
+    fn maintain(&mut self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let to = minute_floor(now - MERGE_LAG);
+        let from = to - MERGE_SPAN;
+        self.attempt("merging user_minute_batch rows", |s| {
+            s.merge_user_minutes(from, to)
+        })
+        .map_err(Failure::into_store_error)
     }
 }
 

@@ -257,6 +257,7 @@ impl WriterPool {
                 deliveries: deliveries.clone(),
                 options: options.clone(),
                 closing: closing.clone(),
+                next_maintenance: Instant::now() + MAINTENANCE_EVERY,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("writer-{i}"))
@@ -296,7 +297,13 @@ struct Writer {
     deliveries: Option<Sender<DeliveryOutcomes>>,
     options: WriterOptions,
     closing: Arc<OnceLock<Instant>>,
+    /// When to ask the store for its housekeeping next ([`StoreWriter::maintain`]).
+    next_maintenance: Instant,
 }
+
+/// How often each writer asks the store for its housekeeping. PostgreSQL lets one writer of
+/// the deployment do it at a time and the others skip it.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
 /// What became of one message of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,6 +324,7 @@ impl Writer {
                     if self.closing.get().is_some() && self.rx.is_empty() {
                         break;
                     }
+                    self.maintain_if_due();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -332,8 +340,31 @@ impl Writer {
                 }
             }
             self.commit(&mut batch);
+            self.maintain_if_due();
         }
         log::debug!("writer {} stopped", self.id);
+    }
+
+    /// The store's housekeeping, between batches, when it is due and the store is up. A
+    /// failure is only logged: it changes no stored row, and it is tried again next time.
+    fn maintain_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_maintenance
+            || self.closing.get().is_some()
+            || self.queue.breaker.is_open()
+        {
+            return;
+        }
+        self.next_maintenance = now + MAINTENANCE_EVERY;
+        match self.writer.maintain(time::OffsetDateTime::now_utc()) {
+            Ok(0) => {}
+            Ok(n) => log::debug!(
+                "writer {}: housekeeping did {n} in {:?}",
+                self.id,
+                now.elapsed()
+            ),
+            Err(e) => log::warn!("writer {}: housekeeping failed: {e}", self.id),
+        }
     }
 
     fn commit(&mut self, batch: &mut Vec<(Persist, Instant)>) {
