@@ -304,21 +304,21 @@ fn active_users_are_exact_for_ids_inside_and_outside_the_bitmaps() {
 }
 
 /// Housekeeping merges each closed minute's per-batch rows of `user_minute_batch` into one,
-/// with the same sums: minutes between an hour and two minutes before `now` only, the stray
-/// mark kept, and a second run finds nothing to do.
+/// with the same sums: only minutes of the last hour that ended 10 s or more before `now`,
+/// the stray mark kept, and a second run finds nothing to do.
 #[test]
 fn housekeeping_merges_the_per_batch_rows_of_closed_minutes() {
     let db = TestDb::new("merge");
     let store = open(&db);
     let mut w = store.writer().expect("writer");
-    // `now` is second 3630: minutes from second -120 up to (not including) 3480 are due.
+    // `now` is second 3630: minutes from second 0 up to (not including) 3600 are due.
     let now = at(3630);
     let batches: [&[(i32, i64)]; 7] = [
         &[(1, 600), (2, 610), (3, 670)], // minute 10 (users 1, 2) and minute 11 (user 3)
         &[(1, 620), (200_000, 630)],     // minute 10 again, with a user outside the bitmap
         &[(4, 640)],                     // minute 10 a third time
-        &[(5, 3490)],                    // minute 58: too recent
-        &[(6, 3500)],
+        &[(5, 3605)],                    // minute 60: not over 10 s ago
+        &[(6, 3615)],
         &[(7, -7200)], // two hours before `now`: out of reach
         &[(8, -7190)],
     ];
@@ -343,7 +343,7 @@ fn housekeeping_merges_the_per_batch_rows_of_closed_minutes() {
         )
     };
     assert_eq!(
-        [rows_of(600), rows_of(660), rows_of(3480), rows_of(-7200)],
+        [rows_of(600), rows_of(660), rows_of(3600), rows_of(-7200)],
         [3, 1, 2, 2]
     );
     let before = rollups(&db);
@@ -351,7 +351,7 @@ fn housekeeping_merges_the_per_batch_rows_of_closed_minutes() {
 
     assert_eq!(w.maintain(now), Ok(1), "minute 10 is merged");
     assert_eq!(
-        [rows_of(600), rows_of(660), rows_of(3480), rows_of(-7200)],
+        [rows_of(600), rows_of(660), rows_of(3600), rows_of(-7200)],
         [1, 1, 2, 2]
     );
     assert_eq!(rollups(&db), before, "the same counts");

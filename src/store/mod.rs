@@ -177,7 +177,7 @@ pub trait StoreWriter: Send {
     /// commits.
     fn dead_letter(&mut self, rows: &[DeadLetter]) -> Result<(), StoreError>;
 
-    /// Housekeeping between batches, which the writer pool asks for about once a minute;
+    /// Housekeeping between batches, which the writer pool asks for every few seconds;
     /// `now` is the node's clock. PostgreSQL merges the per-batch rows of closed minutes of
     /// `user_minute_batch`. Returns how much it did (0: nothing was due). Nothing by default.
     fn maintain(&mut self, _now: time::OffsetDateTime) -> Result<usize, StoreError> {

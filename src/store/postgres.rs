@@ -64,10 +64,10 @@ const MIGRATION_LOCK: i64 = 0x6368_6174_666c_6f77;
 /// `user_minute_batch` rows: "cfmerge" in ASCII.
 const MERGE_LOCK: i64 = 0x0063_666d_6572_6765;
 
-/// Minutes of `user_minute_batch` are merged once they are this old: batches that waited in
-/// the queue or the broker for a while still land before their minute is merged. (A batch
-/// that lands later only adds a row; the sums stay right.)
-const MERGE_LAG: time::Duration = time::Duration::minutes(2);
+/// A minute of `user_minute_batch` is merged once it has been over for this long, so the
+/// batches still being written when it ended are in. (A batch that lands later only adds a
+/// row, which the next merge folds in; the sums are right either way.)
+const MERGE_LAG: time::Duration = time::Duration::seconds(10);
 /// How far back, before [`MERGE_LAG`], a merge looks for minutes with more than one row.
 const MERGE_SPAN: time::Duration = time::Duration::hours(1);
 /// The most minutes one merge handles, oldest first; the rest wait for the next one. A
@@ -1205,8 +1205,9 @@ impl StoreWriter for PgWriter {
         self.with_retries("storing dead letters", |s| s.dead_letter(rows))
     }
 
-    /// Merges the per-batch rows of `user_minute_batch` for the minutes between an hour
-    /// and two minutes before `now`, so top users read about one row per minute.
+    /// Merges the per-batch rows of `user_minute_batch` for the minutes of the last hour
+    /// that ended at least [`MERGE_LAG`] before `now`, so top users read one row for each
+    /// of them.
     fn maintain(&mut self, now: OffsetDateTime) -> Result<usize, StoreError> {
         let to = minute_floor(now - MERGE_LAG);
         let from = to - MERGE_SPAN;
