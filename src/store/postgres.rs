@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use ::postgres::binary_copy::BinaryCopyInWriter;
 use ::postgres::error::{DbError, SqlState};
+use ::postgres::fallible_iterator::FallibleIterator;
 use ::postgres::types::{ToSql, Type};
 use ::postgres::{Config, IsolationLevel, NoTls, Row, Statement};
 use r2d2::{Pool, PooledConnection};
@@ -242,30 +243,20 @@ FROM user_minute GROUP BY minute ORDER BY minute;
 DROP TABLE user_minute;
 ";
 
-/// Merges the rows of each minute in [$1, $2) that has more than one (at most $3 minutes,
-/// oldest first) into one row with the summed counts, in one statement. Writers only ever
-/// insert into `user_minute_batch`, so a batch committed meanwhile is not lost: its row was
-/// not in this statement's snapshot and stays beside the merged one. Two merges of the same
-/// minute cannot both count a row: the second's DELETE waits for the first and then finds
-/// the rows gone.
-const MERGE_USER_MINUTES: &str = "
-WITH due AS (
-    SELECT minute FROM user_minute_batch
-    WHERE minute >= $1 AND minute < $2
-    GROUP BY minute HAVING count(*) > 1
-    ORDER BY minute LIMIT $3
-), old AS (
-    DELETE FROM user_minute_batch AS b USING due WHERE b.minute = due.minute
-    RETURNING b.minute, b.users, b.messages
-)
-INSERT INTO user_minute_batch (minute, users, messages, strays)
-SELECT minute, array_agg(user_id ORDER BY user_id), array_agg(n ORDER BY user_id),
-       bool_or(user_id < 0 OR user_id >= 100008)
-FROM (SELECT old.minute, u.user_id, sum(u.n)::int8 AS n
-      FROM old, unnest(old.users, old.messages) AS u(user_id, n)
-      GROUP BY old.minute, u.user_id) AS c
-GROUP BY minute
-";
+/// The minutes in [$1, $2) with more than one row of `user_minute_batch`, oldest first, at
+/// most $3.
+const DUE_MINUTES: &str = "SELECT minute FROM user_minute_batch \
+     WHERE minute >= $1 AND minute < $2 GROUP BY minute HAVING count(*) > 1 \
+     ORDER BY minute LIMIT $3";
+/// Takes a minute's rows out, for the writer to sum. Writers only ever insert into
+/// `user_minute_batch`, so a batch committed meanwhile is not lost: its row was not in this
+/// statement's snapshot and stays beside the merged one. Two merges of one minute cannot both
+/// count a row: the second's DELETE waits for the first and then finds the rows gone.
+const TAKE_MINUTE: &str =
+    "DELETE FROM user_minute_batch WHERE minute = $1 RETURNING users, messages";
+/// Puts a minute's merged row back.
+const PUT_MINUTE: &str = "INSERT INTO user_minute_batch (minute, users, messages, strays) \
+     VALUES ($1, $2, $3, $4)";
 
 /// ORs a batch's per-minute user bitmaps (bytea, bit *u* = byte *u*/8, mask 0x80 >> *u*%8)
 /// into `active_minute` and `active_hour`, in time order (the lock order every writer
@@ -926,9 +917,49 @@ impl WriterSession {
         if !mine {
             return Ok(0);
         }
-        let merged = tx.execute(MERGE_USER_MINUTES, &[&from, &to, &MERGE_MINUTES])?;
+        let due: Vec<OffsetDateTime> = tx
+            .query(DUE_MINUTES, &[&from, &to, &MERGE_MINUTES])?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let take = tx.prepare(TAKE_MINUTE)?;
+        let put = tx.prepare(PUT_MINUTE)?;
+        let mut merged = 0;
+        for minute in &due {
+            // Summed here rather than in SQL: unnesting and grouping millions of array
+            // entries costs PostgreSQL about ten times what a hash map costs this thread.
+            let mut counts: HashMap<i32, i64> = HashMap::new();
+            let mut rows = tx.query_raw(&take, [minute as &(dyn ToSql + Sync)])?;
+            while let Some(row) = rows.next()? {
+                let users: Vec<i32> = row.try_get(0)?;
+                let messages: Vec<i64> = row.try_get(1)?;
+                if users.len() != messages.len() {
+                    log::warn!(
+                        "user_minute_batch row of {minute} has {} users and {} counts; \
+                         merging the pairs",
+                        users.len(),
+                        messages.len()
+                    );
+                }
+                for (user, n) in users.into_iter().zip(messages) {
+                    let sum = counts.entry(user).or_default();
+                    *sum = sum.saturating_add(n);
+                }
+            }
+            drop(rows);
+            if counts.is_empty() {
+                continue; // another merge took them
+            }
+            let mut pairs: Vec<(i32, i64)> = counts.into_iter().collect();
+            pairs.sort_unstable();
+            let strays = pairs.first().is_some_and(|&(u, _)| u < 0)
+                || pairs.last().is_some_and(|&(u, _)| u >= BITMAP_USERS);
+            let (users, messages): (Vec<i32>, Vec<i64>) = pairs.into_iter().unzip();
+            tx.execute(&put, &[minute, &users, &messages, &strays])?;
+            merged += 1;
+        }
         tx.commit()?;
-        Ok(usize::try_from(merged).unwrap_or(usize::MAX))
+        Ok(merged)
     }
 
     /// Stores `batch` in one transaction and returns how many rows were new: straight into
