@@ -1,0 +1,7 @@
+\timing on
+EXPLAIN (ANALYZE, BUFFERS) SELECT u.user_id, sum(u.n)::bigint AS n  FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n)  WHERE b.minute >= '2026-12-07 05:18:00+00' AND b.minute < '2026-12-07 05:29:00+00' GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT 10;
+EXPLAIN (ANALYZE, BUFFERS) SELECT u.user_id, sum(u.n)::bigint AS n  FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n)  WHERE b.minute >= '2026-12-07 05:18:00+00' AND b.minute < '2026-12-07 05:29:00+00' GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT 10;
+SET work_mem = '32MB';
+EXPLAIN (ANALYZE, BUFFERS) SELECT u.user_id, sum(u.n)::bigint AS n  FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n)  WHERE b.minute >= '2026-12-07 05:18:00+00' AND b.minute < '2026-12-07 05:29:00+00' GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT 10;
+EXPLAIN (ANALYZE, BUFFERS) SELECT u.user_id, sum(u.n)::bigint AS n  FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n)  WHERE b.minute >= '2026-12-07 05:18:00+00' AND b.minute < '2026-12-07 05:29:00+00' GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT 10;
+EXPLAIN (ANALYZE, BUFFERS) SELECT u.user_id, sum(u.n)::bigint AS n  FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n)  WHERE b.minute >= '2026-12-07 04:29:00+00' AND b.minute < '2026-12-07 05:29:00+00' GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT 10;
