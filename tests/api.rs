@@ -1321,6 +1321,11 @@ fn ready_and_metrics_report_the_store(b: &Backend) {
     let batches = metric_in(text, "chatflow_store_batches_total");
     assert!(batches > 0 && batches <= distinct + 1, "batches {batches}");
     assert_eq!(metric_in(text, "chatflow_store_duplicates_total"), 1);
+    assert_eq!(
+        metric_in(text, "chatflow_store_housekeeping_errors_total"),
+        0,
+        "housekeeping counters are exported, and nothing failed"
+    );
     assert!(
         text.contains("# TYPE chatflow_store_write_seconds histogram"),
         "the write latency histogram"

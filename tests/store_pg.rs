@@ -373,6 +373,85 @@ fn housekeeping_merges_the_per_batch_rows_of_closed_minutes() {
     assert_eq!(w.maintain(now), Ok(0), "nothing left to merge");
 }
 
+/// A turn merges at most five minutes, oldest first; a minute that cannot be merged (a row
+/// written by hand with arrays of different lengths) keeps its rows as they were while the
+/// others are merged; a batch that lands after its minute was merged is folded in next turn.
+#[test]
+fn housekeeping_merges_five_minutes_a_turn_and_leaves_a_broken_minute_as_it_was() {
+    let db = TestDb::new("merge_turns");
+    let store = open(&db);
+    let mut w = store.writer().expect("writer");
+    let now = at(3630);
+    let mut id = 0u128;
+    let mut write = |w: &mut Box<dyn chatflow::store::StoreWriter>, user: i32, secs: i64| {
+        id += 1;
+        let batch = [record(id, "r", user, "m", secs)];
+        assert_eq!(w.write(&batch), Ok(1));
+    };
+    // Minutes 0 to 7, two batch rows each.
+    for minute in 0..8 {
+        write(&mut w, 1, minute * 60 + 5);
+        write(&mut w, 2, minute * 60 + 10);
+    }
+    // A third row in minute 0, written by hand, with one count for two users.
+    db.client()
+        .batch_execute(&format!(
+            "INSERT INTO user_minute_batch (minute, users, messages, strays) \
+             VALUES (to_timestamp({}), '{{9,10}}', '{{1}}', false)",
+            minute_of(0)
+        ))
+        .expect("hand-written row");
+    let rows_of = |minute: i64| {
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM user_minute_batch WHERE minute = to_timestamp({})",
+                minute_of(minute * 60)
+            ),
+        )
+    };
+    let all_rows = || (0..8).map(rows_of).collect::<Vec<_>>();
+    let before = rollups(&db);
+    let top_before = top_users(&store);
+    assert_eq!(top_before[..2], [(1, 8), (2, 8)]);
+
+    assert_eq!(w.maintain(now), Ok(4), "minutes 0 to 4; minute 0 fails");
+    assert_eq!(all_rows(), [3, 1, 1, 1, 1, 2, 2, 2]);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM user_minute_batch \
+             WHERE users = '{9,10}' AND messages = '{1}'"
+        ),
+        1,
+        "the hand-written row is untouched"
+    );
+    assert_eq!(w.maintain(now), Ok(3), "minutes 5 to 7");
+    assert_eq!(all_rows(), [3, 1, 1, 1, 1, 1, 1, 1]);
+    assert_eq!(w.maintain(now), Ok(0), "only the broken minute is left");
+    assert_eq!(rollups(&db), before, "the same counts");
+    assert_eq!(top_users(&store), top_before);
+
+    // A late batch for minute 3, merged already: one more row, folded in by the next turn.
+    write(&mut w, 1, 3 * 60 + 30);
+    assert_eq!(rows_of(3), 2);
+    assert_eq!(w.maintain(now), Ok(1));
+    assert_eq!(rows_of(3), 1);
+    assert_eq!(top_users(&store)[..2], [(1, 9), (2, 8)]);
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT messages[1] FROM user_minute_batch \
+                 WHERE minute = to_timestamp({}) AND users = '{{1,2}}'",
+                minute_of(180)
+            )
+        ),
+        2,
+        "user 1 twice in minute 3"
+    );
+}
+
 /// Unix seconds of the minute holding second `secs` (after `BASE`).
 fn minute_of(secs: i64) -> i64 {
     (BASE + secs).div_euclid(60) * 60

@@ -283,7 +283,7 @@ pub fn render_metrics(out: &mut String, queue: &writer::StoreQueue, queries: &qu
     use crate::metrics::single;
     use std::sync::atomic::Ordering::Relaxed;
     let w = &queue.stats;
-    let counters: [(&str, &str, u64); 7] = [
+    let counters: [(&str, &str, u64); 9] = [
         (
             "chatflow_store_batches_total",
             "Write batches committed.",
@@ -318,6 +318,16 @@ pub fn render_metrics(out: &mut String, queue: &writer::StoreQueue, queries: &qu
             "chatflow_store_queue_full_total",
             "Messages refused because the writers' queue was full.",
             w.refused_full.load(Relaxed),
+        ),
+        (
+            "chatflow_store_housekeeping_total",
+            "Store housekeeping done (PostgreSQL: minutes of user_minute_batch merged).",
+            w.housekeeping.load(Relaxed),
+        ),
+        (
+            "chatflow_store_housekeeping_errors_total",
+            "Store housekeeping attempts that failed (tried again later).",
+            w.housekeeping_errors.load(Relaxed),
         ),
     ];
     for (name, help, v) in counters {

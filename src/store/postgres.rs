@@ -252,6 +252,8 @@ const DUE_MINUTES: &str = "SELECT minute FROM user_minute_batch \
 /// `user_minute_batch`, so a batch committed meanwhile is not lost: its row was not in this
 /// statement's snapshot and stays beside the merged one. Two merges of one minute cannot both
 /// count a row: the second's DELETE waits for the first and then finds the rows gone.
+/// PostgreSQL collects the deleted rows before it sends them; the writer reads them one at a
+/// time and keeps only the sums.
 const TAKE_MINUTE: &str =
     "DELETE FROM user_minute_batch WHERE minute = $1 RETURNING users, messages";
 /// Puts a minute's merged row back.
@@ -439,9 +441,12 @@ const TYPE_COUNTS: &str = "SELECT GROUPING(minute), minute, message_type, sum(me
      FROM type_minute WHERE minute >= $1 AND minute < $2 \
      GROUP BY GROUPING SETS ((minute), (message_type)) \
      ORDER BY 1, 2, 3";
+/// Pairs with a NULL side (only a row written by hand with arrays of different lengths has
+/// them) are left out rather than summed to NULL.
 const TOP_USERS: &str = "SELECT u.user_id, sum(u.n)::bigint AS n \
      FROM user_minute_batch AS b, unnest(b.users, b.messages) AS u(user_id, n) \
-     WHERE b.minute >= $1 AND b.minute < $2 GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT $3";
+     WHERE b.minute >= $1 AND b.minute < $2 AND u.user_id IS NOT NULL AND u.n IS NOT NULL \
+     GROUP BY u.user_id ORDER BY n DESC, u.user_id LIMIT $3";
 const TOP_ROOMS: &str = r#"SELECT room_id, sum(messages)::bigint AS n FROM room_minute
      WHERE minute >= $1 AND minute < $2 GROUP BY room_id ORDER BY n DESC, room_id COLLATE "C"
      LIMIT $3"#;
@@ -592,9 +597,14 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
         .try_get(0)?;
     let latest = SCHEMA_VERSION;
     if current > latest {
-        // A newer ChatFlow migrated this database; migrations only ever add, so this version
-        // keeps working during a rolling upgrade.
-        log::warn!("schema version {current} is newer than this build's {latest}; leaving it");
+        // A newer ChatFlow migrated this database. Versions 2 and 3 only added, so a build
+        // of version 1 or 2 keeps working beside them; version 4 dropped `user_minute`, so
+        // a build of version 3 or older fails its writes on it (docs/storage.md: stop the old
+        // nodes before migrating).
+        log::warn!(
+            "schema version {current} is newer than this build's {latest}; leaving it \
+             (a build older than schema 4 cannot write to a schema-4 database)"
+        );
     }
     for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         log::info!("applying schema version {version}");
@@ -608,6 +618,56 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
         )?;
     }
     tx.commit()
+}
+
+/// What merging one minute of `user_minute_batch` came to.
+enum MinuteMerge {
+    /// Its rows were replaced by one.
+    Merged,
+    /// Another merge had taken them.
+    Gone,
+    /// A row's arrays differ in length; the caller rolls the minute back.
+    Mismatched { users: usize, counts: usize },
+}
+
+/// Takes a minute's rows out, sums each user's counts and puts one row back.
+fn merge_minute(
+    tx: &mut ::postgres::Transaction<'_>,
+    take: &Statement,
+    put: &Statement,
+    minute: &OffsetDateTime,
+) -> Result<MinuteMerge, ::postgres::Error> {
+    // Summed here rather than in SQL: unnesting and grouping millions of array entries
+    // costs PostgreSQL about ten times what a hash map costs this thread. The map holds one
+    // entry per user of the minute: at most a minute's messages, about 100,000 at this
+    // deployment's user count.
+    let mut counts: HashMap<i32, i64> = HashMap::new();
+    let mut rows = tx.query_raw(take, [minute as &(dyn ToSql + Sync)])?;
+    while let Some(row) = rows.next()? {
+        let users: Vec<i32> = row.try_get(0)?;
+        let messages: Vec<i64> = row.try_get(1)?;
+        if users.len() != messages.len() {
+            return Ok(MinuteMerge::Mismatched {
+                users: users.len(),
+                counts: messages.len(),
+            });
+        }
+        for (user, n) in users.into_iter().zip(messages) {
+            let sum = counts.entry(user).or_default();
+            *sum = sum.saturating_add(n);
+        }
+    }
+    drop(rows);
+    if counts.is_empty() {
+        return Ok(MinuteMerge::Gone);
+    }
+    let mut pairs: Vec<(i32, i64)> = counts.into_iter().collect();
+    pairs.sort_unstable();
+    let strays = pairs.first().is_some_and(|&(u, _)| u < 0)
+        || pairs.last().is_some_and(|&(u, _)| u >= BITMAP_USERS);
+    let (users, messages): (Vec<i32>, Vec<i64>) = pairs.into_iter().unzip();
+    tx.execute(put, &[minute, &users, &messages, &strays])?;
+    Ok(MinuteMerge::Merged)
 }
 
 /// Fills `active_minute` from `user_minute` (the data written before version 2) in one
@@ -904,13 +964,21 @@ impl WriterSession {
 
     /// Merges the minutes of `user_minute_batch` in [`from`, `to`) that have several rows,
     /// unless another writer of the deployment is merging (then it does nothing). Returns how
-    /// many minutes it merged.
+    /// many minutes it merged. Each minute is merged under a savepoint: a minute that cannot be
+    /// merged (a row written by hand with arrays of different lengths or NULL entries, a
+    /// statement timeout) keeps its rows as they were, with a warning, and the others go on.
     fn merge_user_minutes(
         &mut self,
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<usize, ::postgres::Error> {
-        let mut tx = self.conn.transaction()?;
+        // Read committed, whatever the server's default: a batch committed while a minute is
+        // being taken out stays beside the merged row (see TAKE_MINUTE).
+        let mut tx = self
+            .conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()?;
         let mine: bool = tx
             .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MERGE_LOCK])?
             .try_get(0)?;
@@ -922,41 +990,33 @@ impl WriterSession {
             .iter()
             .map(|row| row.try_get(0))
             .collect::<Result<_, _>>()?;
+        if due.is_empty() {
+            return Ok(0);
+        }
         let take = tx.prepare(TAKE_MINUTE)?;
         let put = tx.prepare(PUT_MINUTE)?;
         let mut merged = 0;
         for minute in &due {
-            // Summed here rather than in SQL: unnesting and grouping millions of array
-            // entries costs PostgreSQL about ten times what a hash map costs this thread.
-            let mut counts: HashMap<i32, i64> = HashMap::new();
-            let mut rows = tx.query_raw(&take, [minute as &(dyn ToSql + Sync)])?;
-            while let Some(row) = rows.next()? {
-                let users: Vec<i32> = row.try_get(0)?;
-                let messages: Vec<i64> = row.try_get(1)?;
-                if users.len() != messages.len() {
+            let mut sp = tx.savepoint("merge_minute")?;
+            match merge_minute(&mut sp, &take, &put, minute) {
+                Ok(MinuteMerge::Merged) => {
+                    sp.commit()?;
+                    merged += 1;
+                }
+                Ok(MinuteMerge::Gone) => sp.commit()?,
+                Ok(MinuteMerge::Mismatched { users, counts }) => {
+                    sp.rollback()?;
                     log::warn!(
-                        "user_minute_batch row of {minute} has {} users and {} counts; \
-                         merging the pairs",
-                        users.len(),
-                        messages.len()
+                        "user_minute_batch: a row of {minute} has {users} users and {counts} \
+                         counts; the minute is left unmerged"
                     );
                 }
-                for (user, n) in users.into_iter().zip(messages) {
-                    let sum = counts.entry(user).or_default();
-                    *sum = sum.saturating_add(n);
+                Err(e) => {
+                    // A lost connection fails the rollback too, and that ends the merge.
+                    sp.rollback()?;
+                    log::warn!("user_minute_batch: {minute} left unmerged: {e}");
                 }
             }
-            drop(rows);
-            if counts.is_empty() {
-                continue; // another merge took them
-            }
-            let mut pairs: Vec<(i32, i64)> = counts.into_iter().collect();
-            pairs.sort_unstable();
-            let strays = pairs.first().is_some_and(|&(u, _)| u < 0)
-                || pairs.last().is_some_and(|&(u, _)| u >= BITMAP_USERS);
-            let (users, messages): (Vec<i32>, Vec<i64>) = pairs.into_iter().unzip();
-            tx.execute(&put, &[minute, &users, &messages, &strays])?;
-            merged += 1;
         }
         tx.commit()?;
         Ok(merged)

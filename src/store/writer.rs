@@ -152,6 +152,10 @@ pub struct WriterStats {
     pub abandoned: AtomicU64,
     /// Messages refused because the queue was full.
     pub refused_full: AtomicU64,
+    /// Housekeeping done by the store (PostgreSQL: minutes of `user_minute_batch` merged).
+    pub housekeeping: AtomicU64,
+    /// Housekeeping attempts that failed (logged; tried again later).
+    pub housekeeping_errors: AtomicU64,
     /// Batch sizes.
     pub batch_size: Histogram,
     /// Time from the start of a write to its commit, seconds.
@@ -357,14 +361,21 @@ impl Writer {
             return;
         }
         self.next_maintenance = now + MAINTENANCE_EVERY;
+        let stats = &self.queue.stats;
         match self.writer.maintain(time::OffsetDateTime::now_utc()) {
             Ok(0) => {}
-            Ok(n) => log::debug!(
-                "writer {}: housekeeping did {n} in {:?}",
-                self.id,
-                now.elapsed()
-            ),
-            Err(e) => log::warn!("writer {}: housekeeping failed: {e}", self.id),
+            Ok(n) => {
+                stats.housekeeping.fetch_add(n as u64, Ordering::Relaxed);
+                log::debug!(
+                    "writer {}: housekeeping did {n} in {:?}",
+                    self.id,
+                    now.elapsed()
+                );
+            }
+            Err(e) => {
+                stats.housekeeping_errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("writer {}: housekeeping failed: {e}", self.id);
+            }
         }
     }
 
