@@ -452,6 +452,69 @@ fn housekeeping_merges_five_minutes_a_turn_and_leaves_a_broken_minute_as_it_was(
     );
 }
 
+/// Two writers merging while a third writes batches into the minutes being merged: every
+/// count ends up in exactly one row, none lost, none counted twice.
+#[test]
+fn merging_while_batches_land_in_the_same_minutes_loses_and_doubles_nothing() {
+    let db = TestDb::new("merge_race");
+    let store = open(&db);
+    let now = at(3630);
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let start = Arc::new(Barrier::new(3));
+    let mut mergers = Vec::new();
+    for _ in 0..2 {
+        let mut w = store.writer().expect("writer");
+        let (writing, start) = (writing.clone(), start.clone());
+        mergers.push(std::thread::spawn(move || {
+            start.wait();
+            let mut merged = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                merged += w.maintain(now).expect("merge");
+            }
+            merged
+        }));
+    }
+    let mut w = store.writer().expect("writer");
+    start.wait();
+    for i in 0..300u128 {
+        // Five rows into one of minutes 0 to 3, users 1 to 40.
+        let batch: Vec<Record> = (0..5u128)
+            .map(|k| {
+                let user = i32::try_from((i * 7 + k * 3) % 40 + 1).expect("small");
+                let secs = i64::try_from((i % 4) * 60 + k).expect("small");
+                record(i * 5 + k + 1, "r", user, "m", secs)
+            })
+            .collect();
+        assert_eq!(w.write(&batch), Ok(5));
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let merged: usize = mergers
+        .into_iter()
+        .map(|t| t.join().expect("merger thread"))
+        .sum();
+    assert!(merged > 0, "the mergers ran while batches landed");
+    while w.maintain(now).expect("merge") > 0 {}
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM user_minute_batch"),
+        4,
+        "one row per minute at the end"
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM (SELECT date_trunc('minute', server_ts, 'UTC') AS minute, \
+                 user_id, count(*) AS n FROM messages GROUP BY 1, 2) AS m \
+                 FULL JOIN {USER_MINUTE} AS u USING (minute, user_id) \
+                 WHERE m.n IS DISTINCT FROM u.messages"
+            )
+        ),
+        0,
+        "per (minute, user) counts equal the messages"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM messages"), 1500);
+}
+
 /// Unix seconds of the minute holding second `secs` (after `BASE`).
 fn minute_of(secs: i64) -> i64 {
     (BASE + secs).div_euclid(60) * 60
