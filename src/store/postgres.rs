@@ -243,6 +243,9 @@ FROM user_minute GROUP BY minute ORDER BY minute;
 DROP TABLE user_minute;
 ";
 
+/// Whether this session may merge now: one writer of the deployment at a time, the others
+/// skip their turn. Released at the end of the transaction.
+const TRY_MERGE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 /// The minutes in [$1, $2) with more than one row of `user_minute_batch`, oldest first, at
 /// most $3.
 const DUE_MINUTES: &str = "SELECT minute FROM user_minute_batch \
@@ -603,7 +606,7 @@ fn migrate(conn: &mut Conn) -> Result<(), ::postgres::Error> {
         // nodes before migrating).
         log::warn!(
             "schema version {current} is newer than this build's {latest}; leaving it \
-             (a build older than schema 4 cannot write to a schema-4 database)"
+             (writes fail if a later version removed a table this build uses)"
         );
     }
     for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
@@ -972,6 +975,11 @@ impl WriterSession {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<usize, ::postgres::Error> {
+        // Prepared once per connection: a writer asks every 10 s, and mostly nothing is due.
+        let lock = prepared(&mut self.conn, TRY_MERGE_LOCK)?;
+        let due = prepared(&mut self.conn, DUE_MINUTES)?;
+        let take = prepared(&mut self.conn, TAKE_MINUTE)?;
+        let put = prepared(&mut self.conn, PUT_MINUTE)?;
         // Read committed, whatever the server's default: a batch committed while a minute is
         // being taken out stays beside the merged row (see TAKE_MINUTE).
         let mut tx = self
@@ -979,22 +987,15 @@ impl WriterSession {
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()?;
-        let mine: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MERGE_LOCK])?
-            .try_get(0)?;
+        let mine: bool = tx.query_one(&lock, &[&MERGE_LOCK])?.try_get(0)?;
         if !mine {
             return Ok(0);
         }
         let due: Vec<OffsetDateTime> = tx
-            .query(DUE_MINUTES, &[&from, &to, &MERGE_MINUTES])?
+            .query(&due, &[&from, &to, &MERGE_MINUTES])?
             .iter()
             .map(|row| row.try_get(0))
             .collect::<Result<_, _>>()?;
-        if due.is_empty() {
-            return Ok(0);
-        }
-        let take = tx.prepare(TAKE_MINUTE)?;
-        let put = tx.prepare(PUT_MINUTE)?;
         let mut merged = 0;
         for minute in &due {
             let mut sp = tx.savepoint("merge_minute")?;
